@@ -1,0 +1,63 @@
+"""The command line every job shares: ``--config``, ``--set``, logging, exit codes.
+
+Exit codes, for schedulers: 0 success, 1 the stage failed (the log names the cause),
+2 bad usage or configuration (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from pipelines.config import Config, ConfigError, load_config
+from pipelines.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Stage = Callable[[SparkSession, Config], Any]
+
+
+def job_parser(description: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", "-c", default=None,
+                        help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override one config value (repeatable), e.g. "
+                             "--set ingest.validation_size=1000")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
+            description: str | None = None) -> int:
+    """Parse arguments, load the config (before Spark starts), run ``stage``, return an exit code."""
+    args = job_parser(description).parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        logger.error("%s: %s", name, exc)
+        return EXIT_USAGE
+    from pipelines.session import build_session  # imports pyspark's JVM glue only when needed
+
+    spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
+    try:
+        summary = stage(spark, config)
+    except Exception as exc:
+        logger.exception("%s failed: %s", name, exc)
+        return EXIT_FAILED
+    finally:
+        spark.stop()
+    logger.info("%s finished: %s", name, json.dumps(summary, default=str))
+    return EXIT_OK

