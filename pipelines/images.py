@@ -55,8 +55,12 @@ def struct_to_array(image: Mapping[str, Any] | Any) -> np.ndarray:
         ValueError: the mode is not 8-bit or the byte count does not match the dimensions.
     """
     get = image.__getitem__
-    height, width, channels, mode = get("height"), get("width"), get("nChannels"), get("mode")
     data = get("data")
+    try:
+        height, width = int(get("height")), int(get("width"))
+        channels, mode = int(get("nChannels")), int(get("mode"))
+    except (TypeError, ValueError):  # null fields (pandas turns them into NaN)
+        raise ValueError(f"image struct has null fields (origin={get('origin')!r})") from None
     if CHANNELS_BY_OCV_MODE.get(mode) != channels:
         raise ValueError(
             "only 8-bit images with 1, 3 or 4 channels are supported. "

@@ -38,7 +38,9 @@ def build_session(config: SparkConfig, app_name: str | None = None) -> SparkSess
     master = submitted.get("spark.master", config.master)
     if _is_local(master) and not _python_set(submitted):
         # Python workers on this machine use the driver's interpreter (and so its packages).
-        builder = builder.config("spark.pyspark.python", sys.executable)
+        # PySpark reads PYSPARK_PYTHON when the context starts; the conf key alone is only
+        # honoured by spark-submit.
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(config.log_level)
     logger.info(
