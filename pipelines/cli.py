@@ -41,7 +41,7 @@ def job_parser(description: str | None) -> argparse.ArgumentParser:
 
 def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
             description: str | None = None) -> int:
-    """Parse arguments, load the config (before Spark starts), run ``stage``, return an exit code."""
+    """Parse arguments, load the config (before Spark starts), run ``stage``; an exit code."""
     args = job_parser(description).parse_args(argv)
     configure_logging(args.log_level)
     try:

@@ -80,7 +80,8 @@ def mnist_frame(spark: SparkSession, arrays: MnistArrays, validation_size: int) 
     n_train = len(arrays.train_labels)
     if not 0 <= validation_size < n_train:
         raise ValueError(
-            f"validation_size must be in [0, {n_train}). Received: validation_size={validation_size}"
+            f"validation_size must be in [0, {n_train}). "
+            f"Received: validation_size={validation_size}"
         )
     train_split = np.where(np.arange(n_train) < validation_size, "validation", "train")
     tables = [

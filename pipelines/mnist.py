@@ -122,7 +122,8 @@ def fetch_mnist(config: MnistConfig) -> MnistFiles:
         logger.info("MNIST: using source %r (%s)", source, files.train_images.parent)
         return files
     raise MnistUnavailableError(
-        "could not get MNIST from any source " f"{list(config.sources)}:\n  " + "\n  ".join(failures)
+        f"could not get MNIST from any source {list(config.sources)}:\n  "
+        + "\n  ".join(failures)
     )
 
 

@@ -33,7 +33,9 @@ class Storage:
 
     def _path(self, path: str):
         jpath = self._jvm.org.apache.hadoop.fs.Path(path)
-        return jpath.getFileSystem(self._hconf), jpath
+        fs = jpath.getFileSystem(self._hconf)
+        fs.setWriteChecksum(False)  # no ".name.crc" side files next to local outputs
+        return fs, jpath
 
     def qualify(self, path: str) -> str:
         """The fully qualified URI of ``path`` (relative local paths become ``file:/...``)."""

@@ -1,0 +1,38 @@
+"""Jobs as a scheduler sees them: exit codes and logs, through a real subprocess."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(job, *args, cwd):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / job), *args],
+        capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+def test_bad_config_exits_2_before_spark_starts(tmp_path):
+    proc = _run("ingest_mnist.py", "--config", str(ROOT / "conf/test.yaml"),
+                "--set", "ingest.partitions=zero", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "ingest.partitions" in proc.stderr and "'zero'" in proc.stderr
+    assert "SparkSession ready" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ingest_then_visualize_jobs_succeed_and_missing_input_exits_1(tmp_path, tiny_mnist_dir):
+    common = ["--config", str(ROOT / "conf/test.yaml"), "--set", f"output_root={tmp_path}/out",
+              "--set", "mnist.sources=[local]", "--set", f"mnist.local_dir={tiny_mnist_dir}",
+              "--set", f"mnist.cache_dir={tmp_path}/cache"]
+    ingest = _run("ingest_mnist.py", *common, "--set", "ingest.validation_size=5", cwd=tmp_path)
+    assert ingest.returncode == 0, ingest.stderr[-2000:]
+    assert "ingest_mnist finished" in ingest.stderr
+    assert (tmp_path / "out/images/split=validation").is_dir()
+    missing = _run("visualize.py", *common, "--set", f"visualize.input={tmp_path}/nope", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "visualize failed: cannot read image Parquet at" in missing.stderr

