@@ -74,10 +74,8 @@ class Storage:
         fs, jpath = self._path(path)
         stream = fs.open(jpath)
         try:
-            length = fs.getFileStatus(jpath).getLen()
-            buf = self._jvm.java.nio.ByteBuffer.allocate(length).array()
-            stream.readFully(0, buf)
-            return bytes(buf)
+            # The byte[] must be filled on the JVM side and returned: py4j copies arrays by value.
+            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
         finally:
             stream.close()
 

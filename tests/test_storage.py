@@ -1,0 +1,39 @@
+import pytest
+
+from pipelines.storage import Storage
+
+
+def test_write_then_read_bytes_round_trip_without_side_files(spark, tmp_path):
+    storage = Storage(spark)
+    path = str(tmp_path / "d" / "blob.bin")
+    data = bytes(range(256)) * 40
+    storage.write_bytes(path, data)
+    assert storage.read_bytes(path) == data
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["blob.bin"]
+    storage.write_text(path, "replaced")
+    assert storage.read_bytes(path) == b"replaced"
+
+
+def test_staged_dir_publishes_on_success_and_keeps_old_output_on_failure(spark, tmp_path):
+    storage = Storage(spark)
+    final = str(tmp_path / "out")
+    with storage.staged_dir(final) as tmp:
+        storage.write_text(f"{tmp}/a.txt", "first")
+    assert storage.read_bytes(f"{final}/a.txt") == b"first"
+    with pytest.raises(RuntimeError, match="boom"):
+        with storage.staged_dir(final) as tmp:
+            storage.write_text(f"{tmp}/a.txt", "second")
+            raise RuntimeError("boom")
+    assert storage.read_bytes(f"{final}/a.txt") == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_leftovers_of_a_killed_run_are_removed_before_the_next(spark, tmp_path):
+    storage = Storage(spark)
+    (tmp_path / "out._tmp-deadbeef").mkdir()
+    (tmp_path / "out._old-cafe").mkdir()
+    (tmp_path / "outside").mkdir()
+    with storage.staged_dir(str(tmp_path / "out")) as tmp:
+        storage.write_text(f"{tmp}/x", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "outside"]
+    assert storage.list(str(tmp_path / "out")) == ["x"]
