@@ -53,6 +53,22 @@ class Storage:
         fs, jpath = self._path(path)
         return bool(fs.delete(jpath, True))
 
+    def stat(self, path: str) -> dict[str, object] | None:
+        """``{"kind": "file"|"dir", "files", "bytes", "mtime"}`` of a path (None when absent).
+
+        Two filesystem calls whatever the size of a folder (a content summary, not a listing).
+        """
+        fs, jpath = self._path(path)
+        if not fs.exists(jpath):
+            return None
+        status = fs.getFileStatus(jpath)
+        if status.isDirectory():
+            summary = fs.getContentSummary(jpath)
+            return {"kind": "dir", "files": int(summary.getFileCount()),
+                    "bytes": int(summary.getLength()), "mtime": int(status.getModificationTime())}
+        return {"kind": "file", "files": 1, "bytes": int(status.getLen()),
+                "mtime": int(status.getModificationTime())}
+
     def mkdirs(self, path: str) -> None:
         fs, jpath = self._path(path)
         fs.mkdirs(jpath)
@@ -70,14 +86,11 @@ class Storage:
 
     def read_bytes(self, path: str) -> bytes:
         fs, jpath = self._path(path)
-        stream = fs.open(jpath)
-        try:
-            length = fs.getFileStatus(jpath).getLen()
-            buf = self._jvm.java.nio.ByteBuffer.allocate(length).array()
-            stream.readFully(0, buf)
-            return bytes(buf)
-        finally:
-            stream.close()
+        # Copied into a JVM buffer and returned as one byte[] (py4j turns it into bytes); a
+        # byte[] passed from Python to readFully would be a copy the read never reaches.
+        out = self._jvm.java.io.ByteArrayOutputStream()
+        self._jvm.org.apache.hadoop.io.IOUtils.copyBytes(fs.open(jpath), out, 1 << 16, True)
+        return bytes(out.toByteArray())
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a small file atomically: into a temporary sibling, then renamed into place."""
