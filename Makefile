@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 # The whole pipeline; a second run skips every stage whose manifest still matches.
 run: install
 	$(PY) jobs/run_pipeline.py --config $(CONFIG)
-	@$(PY) -c "from pipelines.config import load_config as c; \
-	print('Report:', c('$(CONFIG)').report.output + '/index.html')"
+	@$(PY) -c "import os; from pipelines.config import load_config as c; \
+	p = c('$(CONFIG)').report.output + '/index.html'; \
+	print('Report:', p if ':/' in p else 'file://' + os.path.abspath(p))"
 
 # Headless Chromium renders the HTML report in the tests (Debian's package; we run as root).
 chromium:

@@ -124,6 +124,8 @@ def render_page(
     parts.append(_weights(find_weights({"stages": manifests, "metrics": metrics})))
     parts.append(_versions(manifests))
     status = run.get("status", "unknown")
+    if status == "running":
+        status = "this run; the report is its last stage"
     subtitle = (f"Run {run.get('run_id', '?')} ({status}), started {run.get('started_at', '?')}; "
                 f"output root {config.output_root}; page generated {utc_now()}.")
     return _PAGE.substitute(title=_e(config.report.title), subtitle=_e(subtitle),
@@ -167,7 +169,7 @@ def _timings(run: dict[str, Any], manifests: dict[str, dict[str, Any]]) -> str:
     total = run.get("seconds")
     return (
         "<h2 id=\"timings\">Stages and timings</h2>"
-        f"<p>Run status: <b>{_e(run.get('status', 'no run summary'))}</b>"
+        f"<p>Run status: <b>{_e(_RUN_STATUS.get(run.get('status'), run.get('status')))}</b>"
         f"{f'; wall time {_fmt(total)} s' if total is not None else ''}. "
         "Seconds are those of the stage's last real run (a skipped stage kept its outputs).</p>"
         "<table><tr><th>stage</th><th>this run</th><th>why</th><th>seconds (last run)</th>"
@@ -175,12 +177,21 @@ def _timings(run: dict[str, Any], manifests: dict[str, dict[str, Any]]) -> str:
     )
 
 
+_RUN_STATUS = {None: "no run summary", "running": "running (the report is its last stage)"}
+_SPLIT_ORDER = ("train", "validation", "test")
+
+
+def _split_key(item: tuple[str, Any]) -> tuple[int, str]:
+    name = item[0]
+    return (_SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER), name)
+
+
 def _dataset(ingest: dict[str, Any] | None) -> str:
     head = "<h2 id=\"dataset\">Dataset</h2>"
     if ingest is None:
         return head + _not_run("ingest")
     summary = ingest.get("summary", {})
-    per_split = summary.get("rows_per_split", {})
+    per_split = dict(sorted(summary.get("rows_per_split", {}).items(), key=_split_key))
     rows = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{_fmt(v)}</td></tr>"
                    for k, v in per_split.items())
     return (head + f"<p>Source: {_e(summary.get('source', '?'))}; "

@@ -102,8 +102,8 @@ def test_pipeline_on_a_two_executor_cluster_then_rerun_skips_everything(
 
 @pytest.fixture
 def medium_mnist_dir(tmp_path) -> Path:
-    """IDX files with 12,000 train and 2,000 test random images: a write that takes a while."""
-    return write_mnist_dir(tmp_path / "mnist-medium", 12000, 2000, seed=3)
+    """IDX files with 5,000 train and 1,000 test random images: a write that takes a while."""
+    return write_mnist_dir(tmp_path / "mnist-medium", 5000, 1000, seed=3)
 
 
 def _rows(spark, path: Path) -> list[tuple]:
@@ -143,5 +143,5 @@ def test_run_killed_in_the_middle_of_a_stage_then_rerun_gives_the_uninterrupted_
         "ingest.partitions=4"])
     run_ingest(spark, reference)
     expected = _rows(spark, tmp_path / "reference" / "images")
-    assert len(expected) == 14000
+    assert len(expected) == 6000
     assert _rows(spark, out / "images") == expected

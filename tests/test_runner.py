@@ -165,3 +165,14 @@ def test_registry_rows_are_well_formed():
         assert ":" in spec.entry and spec.sections
         assert set(spec.upstream) <= set(names[:index]), spec.name
         assert all("." in key for key in (*spec.inputs, *spec.outputs)), spec.name
+
+
+def test_unreadable_input_fails_the_stage_with_a_clear_cause(spark, tmp_path, tiny_mnist_dir):
+    junk = tmp_path / "junk" / "3"
+    junk.mkdir(parents=True)
+    (junk / "a.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir, "ingest.source=folder", f"ingest.folder={junk.parent}")
+    with pytest.raises(StageFailed, match="stage 'ingest' failed: ValueError: no decodable images"):
+        _run(spark, config, registry=REGISTRY[:1])
+    assert not (out / "_manifests" / "ingest.json").exists() and not (out / "images").exists()
