@@ -46,7 +46,7 @@ dist: install
 	$(PY) -m build --wheel --outdir dist .
 	$(PYTHON) -m venv $(DIST_ENV)
 	$(DIST_ENV)/bin/pip install --disable-pip-version-check -q dist/*.whl
-	$(VENV)/bin/venv-pack -p $(DIST_ENV) -o dist/env.tar.gz
+	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/env.tar.gz
 	@ls -lh dist
 
 clean:

@@ -214,6 +214,8 @@ def run_pipeline(
                            label, spec.entry)
             record.update(action="missing", reason=f"module of {spec.entry} not found")
             continue
+        record["action"] = "running"
+        _write_run(storage, config, run)  # what the report stage (and a watcher) sees
         t0 = time.perf_counter()
         try:
             action, reason, manifest = _run_stage(
@@ -230,7 +232,6 @@ def run_pipeline(
                       stage_seconds=manifest.get("seconds"), counts=manifest.get("counts", {}))
         if action == "ran":
             redone.add(spec.name)
-        _write_run(storage, config, run)
     _finish(storage, config, run, "succeeded", started)
     ran = sum(1 for r in run["stages"] if r.get("action") == "ran")
     skipped = sum(1 for r in run["stages"] if r.get("action") == "skipped")
