@@ -42,7 +42,7 @@ bench: install
 DIST_ENV := build/env
 dist: install
 	rm -rf dist $(DIST_ENV)
-	$(PY) -m pip install --disable-pip-version-check -q 'venv-pack>=0.2' 'build>=1'
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dist]'
 	$(PY) -m build --wheel --outdir dist .
 	$(PYTHON) -m venv $(DIST_ENV)
 	$(DIST_ENV)/bin/pip install --disable-pip-version-check -q dist/*.whl
