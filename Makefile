@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean chromium dist
 
 install: $(STAMP)
 
@@ -16,11 +16,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
 	@touch $@
 
+# The whole pipeline; a second run skips every stage whose manifest still matches.
 run: install
-	$(PY) jobs/ingest_mnist.py --config $(CONFIG)
-	$(PY) jobs/visualize.py --config $(CONFIG)
+	$(PY) jobs/run_pipeline.py --config $(CONFIG)
+	@$(PY) -c "import os; from pipelines.config import load_config as c; \
+	p = c('$(CONFIG)').report.output + '/index.html'; \
+	print('Report:', p if ':/' in p else 'file://' + os.path.abspath(p))"
 
-test: install
+# Headless Chromium renders the HTML report in the tests (Debian's package; we run as root).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
+
+test: install chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
@@ -29,5 +37,17 @@ lint: install
 bench: install
 	$(PY) benchmarks/ingest_mnist.py
 
+# For clusters: the wheel, and a packed virtualenv holding it and every dependency, for
+# spark-submit --archives dist/env.tar.gz#environment (see docs/cluster.md).
+DIST_ENV := build/env
+dist: install
+	rm -rf dist $(DIST_ENV)
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dist]'
+	$(PY) -m build --wheel --outdir dist .
+	$(PYTHON) -m venv $(DIST_ENV)
+	$(DIST_ENV)/bin/pip install --disable-pip-version-check -q dist/*.whl
+	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/env.tar.gz
+	@ls -lh dist
+
 clean:
-	rm -rf out out-test spark-warehouse .pytest_cache
+	rm -rf out out-test spark-warehouse .pytest_cache build dist

@@ -39,13 +39,29 @@ def job_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+class StageFailed(RuntimeError):
+    """A stage failed and the failure was already logged with its cause and traceback."""
+
+
 def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
-            description: str | None = None) -> int:
-    """Parse arguments, load the config (before Spark starts), run ``stage``; an exit code."""
-    args = job_parser(description).parse_args(argv)
+            description: str | None = None,
+            add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse arguments, load the config (before Spark starts), run ``stage``; an exit code.
+
+    Args:
+        add_arguments: for a job with options of its own (the pipeline run): adds them to the
+            parser. ``stage`` is then a factory called as ``stage(config, args)`` before Spark
+            starts (a :class:`ConfigError` there exits 2); it returns the stage function to run.
+    """
+    parser = job_parser(description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
         config = load_config(args.config, args.overrides)
+        if add_arguments is not None:
+            stage = stage(config, args)
     except ConfigError as exc:
         logger.error("%s: %s", name, exc)
         return EXIT_USAGE
@@ -54,6 +70,9 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
     spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
     try:
         summary = stage(spark, config)
+    except StageFailed as exc:
+        logger.error("%s failed: %s", name, exc)
+        return EXIT_FAILED
     except Exception as exc:
         logger.exception("%s failed: %s", name, exc)
         return EXIT_FAILED

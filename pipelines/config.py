@@ -109,6 +109,27 @@ class VisualizeConfig(Section):
     class_names: list[str] | None = None
 
 
+class PipelineConfig(Section):
+    """The pipeline run (``jobs/run_pipeline.py``, see :mod:`pipelines.runner`)."""
+
+    #: Stages a run without ``--only``/``--from`` considers, in registry order; default all.
+    stages: list[str] | None = None
+    #: Build the HTML report (stage ``report``) at the end of a run.
+    report: bool = True
+    #: Folder of the stage manifests (one ``<stage>.json`` per finished stage).
+    manifests: str = "{output_root}/_manifests"
+    #: The summary of the last run: stages, what each did, timings, status.
+    run_summary: str = "{output_root}/run.json"
+
+
+class ReportConfig(Section):
+    """The HTML report of a run (see :mod:`pipelines.report`)."""
+
+    #: Folder of ``index.html``, ``metrics.json`` and the images the page shows.
+    output: str = "{output_root}/report"
+    title: str = "Spark image pipeline report"
+
+
 class Config(Section):
     """The whole configuration of every job."""
 
@@ -118,6 +139,8 @@ class Config(Section):
     mnist: MnistConfig = Field(default_factory=MnistConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
     def digest(self, *sections: str) -> str:
         """SHA-256 of the given sections (default: all), stable across runs."""

@@ -55,6 +55,22 @@ class Storage:
         fs, jpath = self._path(path)
         return bool(fs.delete(jpath, True))
 
+    def stat(self, path: str) -> dict[str, object] | None:
+        """``{"kind": "file"|"dir", "files", "bytes", "mtime"}`` of a path (None when absent).
+
+        Two filesystem calls whatever the size of a folder (a content summary, not a listing).
+        """
+        fs, jpath = self._path(path)
+        if not fs.exists(jpath):
+            return None
+        status = fs.getFileStatus(jpath)
+        if status.isDirectory():
+            summary = fs.getContentSummary(jpath)
+            return {"kind": "dir", "files": int(summary.getFileCount()),
+                    "bytes": int(summary.getLength()), "mtime": int(status.getModificationTime())}
+        return {"kind": "file", "files": 1, "bytes": int(status.getLen()),
+                "mtime": int(status.getModificationTime())}
+
     def mkdirs(self, path: str) -> None:
         fs, jpath = self._path(path)
         fs.mkdirs(jpath)

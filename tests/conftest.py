@@ -41,17 +41,21 @@ def make_digits(n: int, seed: int = 0, size: int = 28) -> tuple[np.ndarray, np.n
     return images, labels
 
 
-@pytest.fixture
-def tiny_mnist_dir(tmp_path) -> Path:
-    """A folder with the four MNIST IDX files holding 40 train and 20 test random images."""
-    folder = tmp_path / "mnist"
-    train_x, train_y = make_digits(40, seed=1)
-    test_x, test_y = make_digits(20, seed=2)
+def write_mnist_dir(folder: Path, n_train: int, n_test: int, seed: int = 1) -> Path:
+    """The four MNIST IDX files in ``folder``, holding random train and test images."""
+    train_x, train_y = make_digits(n_train, seed=seed)
+    test_x, test_y = make_digits(n_test, seed=seed + 1)
     write_idx(folder / "train-images-idx3-ubyte", train_x)
     write_idx(folder / "train-labels-idx1-ubyte", train_y)
     write_idx(folder / "t10k-images-idx3-ubyte", test_x)
     write_idx(folder / "t10k-labels-idx1-ubyte", test_y)
     return folder
+
+
+@pytest.fixture
+def tiny_mnist_dir(tmp_path) -> Path:
+    """A folder with the four MNIST IDX files holding 40 train and 20 test random images."""
+    return write_mnist_dir(tmp_path / "mnist", 40, 20, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,26 @@
+"""Run the whole pipeline (ingest, visualize, export, augment, transfer, train_cnn, score,
+report) in one SparkSession; stages whose manifests match are skipped.
+
+    python jobs/run_pipeline.py --config conf/local.yaml
+    python jobs/run_pipeline.py --config conf/local.yaml --from export --force
+    python jobs/run_pipeline.py --config conf/local.yaml --only ingest,visualize
+    spark-submit --archives dist/env.tar.gz#environment jobs/run_pipeline.py \
+        --config conf/cluster.yaml
+
+Exit codes: 0 every selected stage succeeded or was up to date, 1 a stage failed (the log names
+it and the cause), 2 bad usage or configuration (nothing was started).
+"""
+
+import sys
+
+from pipelines.cli import run_job
+from pipelines.runner import add_pipeline_arguments, pipeline_job
+
+
+def main(argv=None) -> int:
+    return run_job("run_pipeline", pipeline_job, argv, __doc__,
+                   add_arguments=add_pipeline_arguments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

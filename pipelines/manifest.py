@@ -1,0 +1,199 @@
+"""Stage manifests: the record a pipeline stage leaves once it has succeeded.
+
+A manifest is a small JSON file ``<pipeline.manifests>/<stage>.json`` (default
+``{output_root}/_manifests/<stage>.json``), written atomically by the runner only after the stage
+function returned. Its presence means "this stage's outputs are complete"; a stage that failed
+or was killed has none (the runner deletes the old one before the stage starts), so a rerun
+redoes it. Format (``format`` 1)::
+
+    {
+      "format": 1,
+      "stage": "ingest",
+      "status": "succeeded",
+      "run_id": "20261130T081500Z-3f9c2a",
+      "entry": "pipelines.ingest:run_ingest",
+      "config_sections": ["mnist", "ingest"],
+      "config_digest": "<sha256 of those config sections>",
+      "input_fingerprint": "<sha256 of the 'inputs' object>",
+      "inputs": {"upstream": {"<stage>": {"manifest": "<digest or null>",
+                                          "outputs": {"<key>": <fingerprint>}}},
+                 "paths": {"<config key>": <fingerprint>}},
+      "outputs": {"<config key>": <fingerprint>},
+      "counts": {"rows": 70000, ...},          # the numbers at the top of the stage summary
+      "summary": {...},                        # the stage function's whole summary
+      "started_at": "2026-11-30T08:15:00Z", "finished_at": "...", "seconds": 12.3,
+      "versions": {"python": "3.11.7", "pyspark": "4.3.0", "spark": "4.3.0",
+                   "tensorflow": "2.21.0", "keras": "3.15.1", "spark-image-pipelines": "0.1.0"},
+      "digest": "<sha256 of everything above>"
+    }
+
+A path fingerprint is ``{"path", "exists", "kind": "file"|"dir", "files", "bytes", "mtime"}``,
+read through Hadoop's FileSystem (any URI) with two calls per path, so it is cheap even for a
+folder of 70,000 PNG files. It sees files added, removed, resized and folders rewritten (every
+stage publishes a fresh folder); an in-place edit that keeps every size and the folder's
+modification time is not seen: use ``--force`` then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+from pipelines.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1
+SUCCEEDED = "succeeded"
+#: Distributions whose versions each manifest records (first installed name wins).
+VERSIONED = {
+    "pyspark": ("pyspark",),
+    "tensorflow": ("tensorflow-cpu", "tensorflow"),
+    "keras": ("keras",),
+    "spark-image-pipelines": ("spark-image-pipelines",),
+}
+
+
+def sha256_json(value: Any) -> str:
+    """SHA-256 of the canonical JSON of ``value`` (sorted keys, no spaces)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def versions() -> dict[str, str | None]:
+    """Python and library versions, read from package metadata (nothing heavy is imported)."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for label, names in VERSIONED.items():
+        found[label] = None
+        for name in names:
+            try:
+                found[label] = metadata.version(name)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def fingerprint(storage: Storage, path: str) -> dict[str, Any]:
+    """What a path looks like now: kind, file count, bytes and modification time (ms)."""
+    stat = storage.stat(path)
+    if stat is None:
+        return {"path": path, "exists": False}
+    return {"path": path, "exists": True, **stat}
+
+
+def summary_counts(summary: Any) -> dict[str, int | float]:
+    """The top-level numbers of a stage summary (row/file counts, seconds, accuracy...)."""
+    if not isinstance(summary, dict):
+        return {}
+    return {
+        str(k): v for k, v in summary.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+class ManifestStore:
+    """Reads and writes stage manifests in one folder (any Hadoop-FS URI); driver-only."""
+
+    def __init__(self, storage: Storage, folder: str):
+        self.storage = storage
+        self.folder = folder.rstrip("/")
+
+    def path(self, stage: str) -> str:
+        return f"{self.folder}/{stage}.json"
+
+    def read(self, stage: str) -> dict[str, Any] | None:
+        """The stage's manifest, or None when there is none or it is not a valid one."""
+        path = self.path(stage)
+        if not self.storage.exists(path):
+            return None
+        try:
+            manifest = json.loads(self.storage.read_bytes(path).decode("utf-8"))
+        except Exception as exc:  # not JSON, or the filesystem's checksum does not match
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else exc
+            logger.warning("ignoring unreadable manifest %s: %s", path, first_line)
+            return None
+        if not isinstance(manifest, dict) or manifest.get("digest") != _digest_of(manifest):
+            logger.warning("ignoring manifest %s: its digest does not match its content", path)
+            return None
+        return manifest
+
+    def write(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Seal ``manifest`` with its digest and write it atomically; returns the sealed copy."""
+        sealed = {k: v for k, v in manifest.items() if k != "digest"}
+        sealed["digest"] = _digest_of(sealed)
+        text = json.dumps(sealed, indent=2, sort_keys=True, default=str) + "\n"
+        self.storage.write_text(self.path(manifest["stage"]), text)
+        return sealed
+
+    def delete(self, stage: str) -> None:
+        self.storage.delete(self.path(stage))
+
+    def remove_leftovers(self) -> None:
+        """Delete temporary files of manifest writes that a killed run left behind."""
+        if not self.storage.is_dir(self.folder):
+            return
+        for name in self.storage.list(self.folder):
+            if name.startswith(".") and "._tmp-" in name:
+                logger.info("removing leftover of an interrupted run: %s/%s", self.folder, name)
+                self.storage.delete(f"{self.folder}/{name}")
+
+
+def build_manifest(
+    *, stage: str, entry: str, run_id: str, sections: list[str], config_digest: str,
+    inputs: dict[str, Any], outputs: dict[str, Any], summary: Any, started_at: str,
+    seconds: float, spark_version: str,
+) -> dict[str, Any]:
+    """The manifest of a stage that has just succeeded (not yet sealed with its digest)."""
+    return {
+        "format": FORMAT,
+        "stage": stage,
+        "status": SUCCEEDED,
+        "run_id": run_id,
+        "entry": entry,
+        "config_sections": list(sections),
+        "config_digest": config_digest,
+        "input_fingerprint": sha256_json(inputs),
+        "inputs": inputs,
+        "outputs": outputs,
+        "counts": summary_counts(summary),
+        "summary": json.loads(json.dumps(summary, default=str)),
+        "started_at": started_at,
+        "finished_at": utc_now(),
+        "seconds": round(seconds, 3),
+        "versions": {**versions(), "spark": spark_version},
+    }
+
+
+def stale_reason(
+    manifest: dict[str, Any] | None, config_digest: str, input_fingerprint: str,
+    outputs_now: dict[str, Any],
+) -> str | None:
+    """Why a stage must run again, or None when its manifest still matches."""
+    if manifest is None:
+        return "no manifest"
+    if manifest.get("format") != FORMAT or manifest.get("status") != SUCCEEDED:
+        return "manifest from another format or an unfinished run"
+    if manifest.get("config_digest") != config_digest:
+        return "config changed"
+    if manifest.get("input_fingerprint") != input_fingerprint:
+        return "input changed"
+    for key, now in outputs_now.items():
+        if not now.get("exists"):
+            return f"output {key}={now['path']!r} is missing"
+        if manifest.get("outputs", {}).get(key) != now:
+            return f"output {key}={now['path']!r} changed since the manifest was written"
+    return None
+
+
+def _digest_of(manifest: dict[str, Any]) -> str:
+    return sha256_json({k: v for k, v in manifest.items() if k != "digest"})

@@ -1,0 +1,332 @@
+"""The run report: one static HTML page (and one metrics JSON) a person opens in a browser.
+
+``run_report`` reads what the stages left under ``output_root`` (their manifests, the run summary
+and the files listed in :data:`ARTIFACTS`) and writes ``<report.output>/index.html``,
+``metrics.json`` and ``img/*.png``: images are copied next to the page and linked relatively, so
+the folder works from ``file://`` and anywhere it is copied. A stage that did not run gets a
+section saying so. Nothing is fetched from the network (no scripts, fonts or styles from outside).
+
+The report is written through a staged folder, so a failed report leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import html
+import json
+import logging
+from string import Template
+from typing import Any
+
+from pyspark.sql import SparkSession
+
+from pipelines.config import Config
+from pipelines.manifest import ManifestStore, utc_now
+from pipelines.storage import Storage
+
+logger = logging.getLogger(__name__)
+
+#: The files stages are expected to write, relative to ``output_root``. One place to align
+#: stage outputs with the report: a glob (``*``) is allowed in the last path component.
+ARTIFACTS: dict[str, str] = {
+    "contact_sheets": "sheets/*.png",                  # visualize: one PNG per sheet
+    "augmented_samples": "augmented/sheet.png",        # augment: originals beside augmented
+    "transfer_metrics": "transfer/metrics.json",       # transfer: accuracy, per-class, weights
+    "transfer_confusion": "transfer/confusion_matrix.png",
+    "cnn_metrics": "cnn/metrics.json",                 # train_cnn: test accuracy, history
+    "cnn_confusion": "cnn/confusion_matrix.png",
+    "cnn_curves": "cnn/training_curves.png",
+    "score_metrics": "scores/metrics.json",            # score: metrics of the scored splits
+}
+
+#: Page sections after the dataset: (title, stage, artifacts shown, what the stage does).
+SECTIONS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("Contact sheets", "visualize", ("contact_sheets",), "Samples of each split and class."),
+    ("Exported files", "export", (), "Images written as PNG files by split and label."),
+    ("Augmented samples", "augment", ("augmented_samples",), "Training images augmented."),
+    ("Transfer learning", "transfer", ("transfer_metrics", "transfer_confusion"),
+     "Features from a pre-trained network and a classifier on top."),
+    ("CNN", "train_cnn", ("cnn_metrics", "cnn_confusion", "cnn_curves"),
+     "A convolutional network trained on the images."),
+    ("Scoring", "score", ("score_metrics",), "Models applied to the held-out images."),
+)
+
+_PAGE = Template("""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>$title</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+h1 { margin-bottom: .2em; } h2 { border-bottom: 1px solid #ccc; margin-top: 2em; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .2em .6em;
+  border: 1px solid #ddd; text-align: left; vertical-align: top; }
+th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.bar { background: #4a7fb5; height: .8em; display: inline-block; }
+.note { color: #666; } .missing { color: #a33; } figure { display: inline-block; margin: .5em; }
+figure img { max-width: 100%; border: 1px solid #ddd; } figcaption { color: #555; }
+.ok { color: #2a7a2a; } .failed { color: #a33; font-weight: bold; }
+</style>
+</head>
+<body>
+<h1>$title</h1>
+<p class="note">$subtitle</p>
+$body
+</body>
+</html>
+""")
+
+
+def run_report(spark: SparkSession, config: Config) -> dict[str, Any]:
+    """The report stage: gather what the stages wrote and publish the page."""
+    storage = Storage(spark)
+    root = config.output_root.rstrip("/")
+    manifests = _read_manifests(storage, config.pipeline.manifests)
+    run = _read_json(storage, config.pipeline.run_summary) or {}
+    found = {name: _find(storage, root, pattern) for name, pattern in ARTIFACTS.items()}
+    metrics = {
+        name.removesuffix("_metrics"): _read_json(storage, paths[0])
+        for name, paths in found.items() if name.endswith("_metrics") and paths
+    }
+    images: dict[str, bytes] = {}
+    page = render_page(config, run, manifests, found, metrics, images, storage)
+    merged = {
+        "generated_at": utc_now(),
+        "run": run,
+        "stages": {name: _stage_digest(m) for name, m in manifests.items()},
+        "metrics": metrics,
+        "weights": find_weights({"stages": manifests, "metrics": metrics}),
+    }
+    with storage.staged_dir(config.report.output) as tmp:
+        for name, data in images.items():
+            storage.write_bytes(f"{tmp}/img/{name}", data)
+        storage.write_text(f"{tmp}/metrics.json", json.dumps(merged, indent=2, default=str))
+        storage.write_text(f"{tmp}/index.html", page)
+    missing = [stage for _, stage, _, _ in SECTIONS if stage not in manifests]
+    logger.info("report written to %s/index.html (%d images; stages without output: %s)",
+                config.report.output, len(images), missing or "none")
+    return {"output": config.report.output, "page": f"{config.report.output}/index.html",
+            "images": len(images), "stages_reported": sorted(manifests),
+            "stages_not_run": missing}
+
+
+def render_page(
+    config: Config, run: dict[str, Any], manifests: dict[str, dict[str, Any]],
+    found: dict[str, list[str]], metrics: dict[str, Any], images: dict[str, bytes],
+    storage: Storage,
+) -> str:
+    """The HTML of the page; fills ``images`` (file name -> PNG bytes) with what it links."""
+    parts = [_timings(run, manifests), _dataset(manifests.get("ingest"))]
+    for title, stage, artifacts, what in SECTIONS:
+        parts.append(_section(title, stage, artifacts, what, manifests.get(stage), found,
+                              metrics, images, storage))
+    parts.append(_weights(find_weights({"stages": manifests, "metrics": metrics})))
+    parts.append(_versions(manifests))
+    status = run.get("status", "unknown")
+    if status == "running":
+        status = "this run; the report is its last stage"
+    subtitle = (f"Run {run.get('run_id', '?')} ({status}), started {run.get('started_at', '?')}; "
+                f"output root {config.output_root}; page generated {utc_now()}.")
+    return _PAGE.substitute(title=_e(config.report.title), subtitle=_e(subtitle),
+                            body="\n".join(parts))
+
+
+def find_weights(tree: Any, path: str = "") -> dict[str, Any]:
+    """Every value under a key mentioning ``weights`` (which weights each model used)."""
+    found: dict[str, Any] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            where = f"{path}.{key}" if path else str(key)
+            if "weights" in str(key).lower() and not isinstance(value, dict | list):
+                found[where] = value
+            else:
+                found.update(find_weights(value, where))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            found.update(find_weights(value, f"{path}[{i}]"))
+    return found
+
+
+def _timings(run: dict[str, Any], manifests: dict[str, dict[str, Any]]) -> str:
+    records = {r["stage"]: r for r in run.get("stages", [])}
+    names = list(dict.fromkeys([*records, *manifests]))
+    longest = max([m.get("seconds") or 0 for m in manifests.values()] + [1e-9])
+    rows = []
+    for name in names:
+        rec, man = records.get(name, {}), manifests.get(name, {})
+        action = rec.get("action", "not selected in this run")
+        seconds = man.get("seconds")
+        bar = (f'<span class="bar" style="width:{max(1, int(200 * seconds / longest))}px">'
+               "</span> " if seconds else "")
+        css = "failed" if action == "failed" else ("ok" if action in ("ran", "skipped") else "")
+        rows.append(
+            f"<tr><td>{_e(name)}</td><td class=\"{css}\">{_e(action)}</td>"
+            f"<td>{_e(rec.get('reason', ''))}</td>"
+            f"<td class=\"num\">{bar}{_fmt(seconds) if seconds is not None else '-'}</td>"
+            f"<td>{_e(man.get('finished_at', 'no manifest'))}</td></tr>"
+        )
+    total = run.get("seconds")
+    return (
+        "<h2 id=\"timings\">Stages and timings</h2>"
+        f"<p>Run status: <b>{_e(_RUN_STATUS.get(run.get('status'), run.get('status')))}</b>"
+        f"{f'; wall time {_fmt(total)} s' if total is not None else ''}. "
+        "Seconds are those of the stage's last real run (a skipped stage kept its outputs).</p>"
+        "<table><tr><th>stage</th><th>this run</th><th>why</th><th>seconds (last run)</th>"
+        "<th>finished</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+_RUN_STATUS = {None: "no run summary", "running": "running (the report is its last stage)"}
+_SPLIT_ORDER = ("train", "validation", "test")
+
+
+def _split_key(item: tuple[str, Any]) -> tuple[int, str]:
+    name = item[0]
+    return (_SPLIT_ORDER.index(name) if name in _SPLIT_ORDER else len(_SPLIT_ORDER), name)
+
+
+def _dataset(ingest: dict[str, Any] | None) -> str:
+    head = "<h2 id=\"dataset\">Dataset</h2>"
+    if ingest is None:
+        return head + _not_run("ingest")
+    summary = ingest.get("summary", {})
+    per_split = dict(sorted(summary.get("rows_per_split", {}).items(), key=_split_key))
+    rows = "".join(f"<tr><td>{_e(k)}</td><td class=\"num\">{_fmt(v)}</td></tr>"
+                   for k, v in per_split.items())
+    return (head + f"<p>Source: {_e(summary.get('source', '?'))}; "
+            f"{_fmt(summary.get('rows', sum(per_split.values())))} images in "
+            f"<code>{_e(summary.get('output', ''))}</code>.</p>"
+            "<table><tr><th>split</th><th>images</th></tr>" + rows + "</table>")
+
+
+def _section(
+    title: str, stage: str, artifacts: tuple[str, ...], what: str,
+    manifest: dict[str, Any] | None, found: dict[str, list[str]], metrics: dict[str, Any],
+    images: dict[str, bytes], storage: Storage,
+) -> str:
+    anchor = stage.replace("_", "-")
+    parts = [f"<h2 id=\"{anchor}\">{_e(title)}</h2>", f"<p class=\"note\">{_e(what)}</p>"]
+    have_files = any(found.get(a) for a in artifacts)
+    if manifest is None:
+        parts.append(_not_run(stage))
+        if not have_files:
+            return "\n".join(parts)
+        parts.append("<p class=\"missing\">Files from an earlier or unfinished run are shown "
+                     "below; they may not match this configuration.</p>")
+    else:
+        parts.append(f"<p>Finished {_e(manifest.get('finished_at'))} in "
+                     f"{_fmt(manifest.get('seconds'))} s.</p>")
+        parts.append(_details("Stage summary", render_value(manifest.get("summary", {}))))
+    for artifact in artifacts:
+        paths = found.get(artifact, [])
+        if artifact.endswith("_metrics"):
+            data = metrics.get(artifact.removesuffix("_metrics"))
+            if data is not None:
+                parts.append("<h3>Metrics</h3>" + render_value(data))
+            continue
+        if not paths:
+            parts.append(f"<p class=\"missing\">No <code>{_e(ARTIFACTS[artifact])}</code> "
+                         "was found.</p>")
+        for path in paths:
+            file_name = f"{artifact}-{path.rsplit('/', 1)[-1]}"
+            images[file_name] = storage.read_bytes(path)
+            caption = path.rsplit("/", 1)[-1].removesuffix(".png").replace("_", " ")
+            parts.append(f"<figure><img src=\"img/{_e(file_name)}\" alt=\"{_e(caption)}\">"
+                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+    return "\n".join(parts)
+
+
+def _weights(weights: dict[str, Any]) -> str:
+    head = "<h2 id=\"weights\">Weights used</h2>"
+    if not weights:
+        return head + "<p class=\"note\">No stage reported model weights.</p>"
+    rows = "".join(f"<tr><td><code>{_e(k)}</code></td><td>{_e(v)}</td></tr>"
+                   for k, v in weights.items())
+    return head + "<table><tr><th>where</th><th>weights</th></tr>" + rows + "</table>"
+
+
+def _versions(manifests: dict[str, dict[str, Any]]) -> str:
+    rows = "".join(
+        f"<tr><td>{_e(name)}</td>"
+        + "".join(f"<td>{_e(f'{k} {v}')}</td>" for k, v in sorted(m.get("versions", {}).items()))
+        + "</tr>" for name, m in manifests.items()
+    )
+    return "<h2 id=\"versions\">Versions</h2><table>" + rows + "</table>" if rows else ""
+
+
+def render_value(value: Any) -> str:
+    """Any JSON value as HTML: objects as tables, matrices as grids, lists inline."""
+    if isinstance(value, dict):
+        if not value:
+            return "<span class=\"note\">(empty)</span>"
+        rows = "".join(f"<tr><th>{_e(k)}</th><td>{render_value(v)}</td></tr>"
+                       for k, v in value.items())
+        return f"<table>{rows}</table>"
+    if isinstance(value, list):
+        if value and all(isinstance(r, list) for r in value) and all(
+            isinstance(x, int | float) for r in value for x in r
+        ):
+            rows = "".join("<tr>" + "".join(f"<td class=\"num\">{_fmt(x)}</td>" for x in r)
+                           + "</tr>" for r in value)
+            return f"<table>{rows}</table>"
+        if all(not isinstance(x, dict | list) for x in value):
+            shown = ", ".join(_e(_fmt(x)) for x in value[:50])
+            return shown + (f" ... ({len(value)} values)" if len(value) > 50 else "")
+        return "".join(render_value(x) for x in value)
+    return _e(_fmt(value))
+
+
+def _details(summary: str, body: str) -> str:
+    return f"<details><summary>{_e(summary)}</summary>{body}</details>"
+
+
+def _not_run(stage: str) -> str:
+    return (f"<p class=\"missing\">The <b>{_e(stage)}</b> stage has not run (no manifest): "
+            "it was not selected, is not in this build, or failed.</p>")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _read_json(storage: Storage, path: str) -> Any:
+    if not storage.exists(path):
+        return None
+    try:
+        return json.loads(storage.read_bytes(path).decode("utf-8"))
+    except ValueError as exc:
+        logger.warning("report: ignoring %s, not JSON: %s", path, exc)
+        return None
+
+
+def _read_manifests(storage: Storage, folder: str) -> dict[str, dict[str, Any]]:
+    store = ManifestStore(storage, folder)
+    if not storage.is_dir(folder):
+        return {}
+    names = [n.removesuffix(".json") for n in storage.list(folder)
+             if n.endswith(".json") and not n.startswith(".")]
+    return {name: m for name in names if (m := store.read(name)) is not None}
+
+
+def _find(storage: Storage, root: str, pattern: str) -> list[str]:
+    folder, _, name = f"{root}/{pattern}".rpartition("/")
+    if "*" not in name:
+        path = f"{folder}/{name}"
+        return [path] if storage.exists(path) else []
+    if not storage.is_dir(folder):
+        return []
+    return [f"{folder}/{n}" for n in storage.list(folder) if fnmatch.fnmatch(n, name)]
+
+
+def _stage_digest(manifest: dict[str, Any]) -> dict[str, Any]:
+    keys = ("status", "run_id", "finished_at", "seconds", "counts", "summary", "versions")
+    return {k: manifest.get(k) for k in keys}

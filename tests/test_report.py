@@ -1,0 +1,139 @@
+"""The HTML report: built from real manifests and stage files, rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.config import load_config
+from pipelines.contact_sheet import render_sheet
+from pipelines.manifest import ManifestStore, build_manifest
+from pipelines.report import ARTIFACTS, find_weights, render_value
+from pipelines.runner import StageSpec, make_plan, run_pipeline
+from pipelines.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+REGISTRY = (
+    StageSpec("ingest", "pipelines.ingest:run_ingest", ("mnist", "ingest"), (),
+              ("mnist.local_dir",), ("ingest.output",)),
+    StageSpec("report", "pipelines.report:run_report", ("report",), ("ingest", "train_cnn"),
+              (), ("report.output",)),
+)
+# Appended to a copy of the page: records, once everything loaded, each image's natural width.
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const found = [...document.images].map(i => [i.getAttribute("src"), i.naturalWidth]);
+  document.body.setAttribute("data-images", JSON.stringify(found));
+});
+</script>"""
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def finished_run(spark, tmp_path, tiny_mnist_dir):
+    """A real ingest + report run, plus the files and manifest a CNN stage would leave."""
+    out = tmp_path / "out"
+    config = load_config(ROOT / "conf" / "test.yaml", [
+        f"output_root={out}", "mnist.sources=[local]", f"mnist.local_dir={tiny_mnist_dir}",
+        "ingest.validation_size=10", "ingest.partitions=2", "report.title=Test <report>",
+    ])
+    digits = [np.full((28, 28), 20 * i, np.uint8) for i in range(10)]
+    (out / "sheets").mkdir(parents=True)
+    (out / "sheets" / "train.png").write_bytes(
+        render_sheet(digits, [str(i) for i in range(10)], columns=5, title="train"))
+    (out / "cnn").mkdir()
+    (out / "cnn" / "confusion_matrix.png").write_bytes(_png(120, 100, 1))
+    (out / "cnn" / "training_curves.png").write_bytes(_png(160, 90, 2))
+    cnn_metrics = {"test_accuracy": 0.9812, "weights": "none (trained from random init)",
+                   "confusion_matrix": [[5, 1], [0, 7]]}
+    (out / "cnn" / "metrics.json").write_text(json.dumps(cnn_metrics))
+    ManifestStore(Storage(spark), config.pipeline.manifests).write(build_manifest(
+        stage="train_cnn", entry="x:y", run_id="r0", sections=["visualize"],
+        config_digest="d", inputs={}, outputs={}, summary={"epochs": 2, "model": "cnn/model"},
+        started_at="2026-01-01T00:00:00Z", seconds=42.5, spark_version=spark.version))
+    run_pipeline(spark, config, make_plan(config, registry=REGISTRY), registry=REGISTRY)
+    return config, out
+
+
+def _render(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    if not CHROMIUM.exists():
+        pytest.fail("chromium is not installed: `make chromium` (a dependency of make test)")
+    return subprocess.run(
+        [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}",
+         "--virtual-time-budget=5000", *extra, page.as_uri()],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+
+
+def test_report_page_and_all_its_images_load_in_headless_chromium(finished_run, tmp_path):
+    config, out = finished_run
+    report = out / "report"
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert metrics["metrics"]["cnn"]["test_accuracy"] == 0.9812
+    assert metrics["stages"]["ingest"]["summary"]["rows_per_split"]["validation"] == 10
+    assert metrics["weights"]["metrics.cnn.weights"] == "none (trained from random init)"
+
+    # The folder is self-contained: copied elsewhere, the page still finds every image.
+    moved = tmp_path / "elsewhere" / "report"
+    shutil.copytree(report, moved)
+    shutil.rmtree(out)
+    page = (moved / "index.html").read_text()
+    (moved / "_check.html").write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"))
+    dom = _render(moved / "_check.html", tmp_path, "--dump-dom").stdout
+    found = re.search(r'data-images="([^"]*)"', dom)
+    assert found, dom[:2000]
+    images = json.loads(html.unescape(found.group(1)))
+    assert sorted(src for src, _ in images) == [
+        "img/cnn_confusion-confusion_matrix.png", "img/cnn_curves-training_curves.png",
+        "img/contact_sheets-train.png"]
+    assert all(width > 0 for _, width in images), images
+    text = re.sub(r"<[^>]+>", " ", dom)
+    assert "Test &lt;report&gt;" in dom  # the title is escaped
+    for expected in ("Dataset", "Contact sheets", "Weights used", "none (trained from random init)",
+                     "0.9812"):
+        assert expected in text, expected
+    assert re.search(r"The\s+transfer\s+stage has not run", text)
+    assert re.search(r"validation\s*</td>\s*<td[^>]*>10<", dom)
+
+    shot = tmp_path / "report.png"
+    _render(moved / "index.html", tmp_path, f"--screenshot={shot}", "--window-size=1200,2400")
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 5  # not a blank page
+
+
+def test_report_without_any_stage_output_says_so(spark, tmp_path):
+    config = load_config(ROOT / "conf" / "test.yaml", [f"output_root={tmp_path / 'empty'}"])
+    from pipelines.report import run_report
+
+    summary = run_report(spark, config)
+    assert summary["images"] == 0 and "train_cnn" in summary["stages_not_run"]
+    page = (tmp_path / "empty" / "report" / "index.html").read_text()
+    assert "The <b>ingest</b> stage has not run" in page
+    assert "No stage reported model weights" in page
+
+
+def test_render_value_and_find_weights():
+    assert render_value({"a": [[1, 2], [3, 4]]}).count("<td class=\"num\">") == 4
+    assert "&lt;b&gt;" in render_value("<b>")
+    tree = {"transfer": {"weights": "imagenet", "layers": [{"weights_file": "w.h5"}]}}
+    assert find_weights(tree) == {"transfer.weights": "imagenet",
+                                  "transfer.layers[0].weights_file": "w.h5"}
+    assert set(ARTIFACTS) >= {"contact_sheets", "cnn_metrics", "transfer_confusion"}

@@ -1,0 +1,147 @@
+"""``jobs/run_pipeline.py`` as a scheduler runs it: separate processes, exit codes, a
+multi-executor cluster, a run killed in the middle of a stage and rerun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import write_mnist_dir
+
+from pipelines.config import load_config
+from pipelines.ingest import run_ingest
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "run_pipeline.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYSPARK_PYTHON"] = sys.executable
+    env["SPARK_LOCAL_IP"] = "127.0.0.1"  # executors and the driver talk over loopback only
+    for key in ("PIPELINES_FAILPOINTS", "PIPELINES_FAILPOINTS_DIR", "PYSPARK_GATEWAY_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _args(out: Path, mnist_dir: Path, *extra: str) -> list[str]:
+    sets = [f"output_root={out}", "mnist.sources=[local]", f"mnist.local_dir={mnist_dir}",
+            f"mnist.cache_dir={out}/cache", "ingest.validation_size=10", "ingest.partitions=2"]
+    args = [sys.executable, str(JOB), "--config", str(ROOT / "conf" / "test.yaml")]
+    for item in sets:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def _run(args: list[str], timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=_env(),
+                          cwd=ROOT)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if "._tmp-" in p.name
+                  or "._old-" in p.name)
+
+
+def test_bad_config_or_stage_name_exits_2_before_spark_starts(tmp_path, tiny_mnist_dir):
+    bad = _run(_args(tmp_path / "out", tiny_mnist_dir, "--set", "pipeline.report=maybe"))
+    assert bad.returncode == 2, bad.stderr
+    assert "pipeline.report" in bad.stderr and "maybe" in bad.stderr
+    unknown = _run(_args(tmp_path / "out", tiny_mnist_dir, "--only", "ingest,nope"))
+    assert unknown.returncode == 2, unknown.stderr
+    assert "unknown stage" in unknown.stderr and "'nope'" in unknown.stderr
+    assert "SparkSession ready" not in bad.stderr + unknown.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_input_fails_with_exit_1_naming_the_stage_and_cause(tmp_path, tiny_mnist_dir):
+    out = tmp_path / "out"
+    missing = tmp_path / "no-such-folder"
+    proc = _run(_args(out, tiny_mnist_dir, "--only", "ingest", "--set", "ingest.source=folder",
+                      "--set", f"ingest.folder={missing}"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "stage 1/1 ingest: failed" in proc.stderr
+    assert str(missing) in proc.stderr
+    assert not (out / "_manifests" / "ingest.json").exists()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert not (out / "images").exists() and _leftovers(out) == []
+
+
+@pytest.mark.cluster
+def test_pipeline_on_a_two_executor_cluster_then_rerun_skips_everything(
+    tmp_path, tiny_mnist_dir
+):
+    out = tmp_path / "out"
+    args = _args(out, tiny_mnist_dir, "--only", "ingest", "--only", "report")
+    first = _run(args + ["--set", "spark.master=local-cluster[2,1,1024]"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "master=local-cluster[2,1,1024]" in first.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "succeeded"
+    assert [(r["stage"], r["action"]) for r in run["stages"]] == [("ingest", "ran"),
+                                                                  ("report", "ran")]
+    ingest = json.loads((out / "_manifests" / "ingest.json").read_text())
+    assert ingest["summary"]["rows_per_split"] == {"train": 30, "validation": 10, "test": 20}
+    assert (out / "report" / "index.html").exists()
+    assert "stage 1/2 ingest: running (no manifest)" in first.stderr
+
+    # Another master, same config sections: nothing to redo.
+    second = _run(args + ["--set", "spark.master=local[1]"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "stage 1/2 ingest: skipped (up to date" in second.stderr
+    assert "stage 2/2 report: skipped (up to date" in second.stderr
+    assert json.loads((out / "_manifests" / "ingest.json").read_text()) == ingest
+
+
+@pytest.fixture
+def medium_mnist_dir(tmp_path) -> Path:
+    """IDX files with 5,000 train and 1,000 test random images: a write that takes a while."""
+    return write_mnist_dir(tmp_path / "mnist-medium", 5000, 1000, seed=3)
+
+
+def _rows(spark, path: Path) -> list[tuple]:
+    df = spark.read.parquet(str(path))
+    return sorted((r.id, r.split, r.label, bytes(r.image.data)) for r in df.collect())
+
+
+@pytest.mark.slow
+def test_run_killed_in_the_middle_of_a_stage_then_rerun_gives_the_uninterrupted_output(
+    spark, tmp_path, medium_mnist_dir
+):
+    out = tmp_path / "out"
+    args = _args(out, medium_mnist_dir, "--only", "ingest", "--set", "ingest.partitions=4")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_env(), cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not list(out.glob("images._tmp-*")):  # the stage is writing its output
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "ingest never started writing"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its JVM, like a lost node
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "_manifests" / "ingest.json").exists()
+    assert _leftovers(out), "the kill should have left a half-written folder"
+
+    rerun = _run(args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "stage 1/1 ingest: running (no manifest)" in rerun.stderr
+    assert _leftovers(out) == []
+
+    reference = load_config(ROOT / "conf" / "test.yaml", [
+        f"output_root={tmp_path / 'reference'}", "mnist.sources=[local]",
+        f"mnist.local_dir={medium_mnist_dir}", "ingest.validation_size=10",
+        "ingest.partitions=4"])
+    run_ingest(spark, reference)
+    expected = _rows(spark, tmp_path / "reference" / "images")
+    assert len(expected) == 6000
+    assert _rows(spark, out / "images") == expected

@@ -1,0 +1,178 @@
+"""The pipeline runner in-process: skip/redo decisions, failures, selection, manifests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import StageFailed
+from pipelines.config import ConfigError, load_config
+from pipelines.ingest import run_ingest
+from pipelines.runner import STAGES, StageSpec, make_plan, run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REGISTRY = (
+    StageSpec("ingest", "pipelines.ingest:run_ingest", ("mnist", "ingest"), (),
+              ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
+    StageSpec("count", "stages_for_tests:count_labels", ("visualize",), ("ingest",),
+              ("visualize.input",), ("visualize.output",)),
+    StageSpec("later", "stages_for_tests:broken", ("visualize",), ("count",), (), ()),
+    StageSpec("absent", "pipelines.not_written_yet:run_absent", ("visualize",), ("count",),
+              (), ()),
+)
+
+
+def _config(out: Path, mnist_dir: Path, *extra: str):
+    return load_config(ROOT / "conf" / "test.yaml", [
+        f"output_root={out}", "mnist.sources=[local]", f"mnist.local_dir={mnist_dir}",
+        f"mnist.cache_dir={out}/cache", "ingest.validation_size=10", "ingest.partitions=2",
+        "visualize.output={output_root}/counts", *extra,
+    ])
+
+
+def _actions(run: dict) -> dict[str, str]:
+    return {r["stage"]: r["action"] for r in run["stages"]}
+
+
+def _run(spark, config, registry=REGISTRY[:2], **plan_args):
+    plan = make_plan(config, registry=registry, **plan_args)
+    return run_pipeline(spark, config, plan, registry=registry)
+
+
+def test_rerun_skips_matching_stages_and_redoes_changed_ones_and_their_downstream(
+    spark, tmp_path, tiny_mnist_dir
+):
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir)
+    first = _run(spark, config)
+    assert _actions(first) == {"ingest": "ran", "count": "ran"}
+    manifest = json.loads((out / "_manifests" / "ingest.json").read_text())
+    assert manifest["stage"] == "ingest" and manifest["status"] == "succeeded"
+    assert manifest["counts"]["rows"] == 60 and manifest["summary"]["rows_per_split"] == {
+        "train": 30, "validation": 10, "test": 20}
+    assert manifest["config_digest"] == config.digest("mnist", "ingest")
+    assert manifest["outputs"]["ingest.output"]["files"] > 0
+    assert manifest["versions"]["pyspark"] and manifest["versions"]["python"]
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "succeeded" and _actions(saved) == _actions(first)
+    counts_mtime = os.path.getmtime(out / "counts")
+
+    second = _run(spark, config)
+    assert _actions(second) == {"ingest": "skipped", "count": "skipped"}
+    assert os.path.getmtime(out / "counts") == counts_mtime
+
+    # Only the downstream stage's section changed: ingest stays, count is redone.
+    third = _run(spark, _config(out, tiny_mnist_dir, "visualize.seed=7"))
+    assert _actions(third) == {"ingest": "skipped", "count": "ran"}
+    assert third["stages"][1]["reason"] == "config changed"
+
+    # Ingest's section changed: ingest is redone, and so is everything downstream of it.
+    changed = _config(out, tiny_mnist_dir, "visualize.seed=7", "ingest.validation_size=5")
+    fourth = _run(spark, changed)
+    assert _actions(fourth) == {"ingest": "ran", "count": "ran"}
+    assert fourth["stages"][1]["reason"] == "upstream redone: ingest"
+    assert _actions(_run(spark, changed, force=True)) == {"ingest": "ran", "count": "ran"}
+
+
+def test_missing_or_changed_output_makes_the_stage_run_again(spark, tmp_path, tiny_mnist_dir):
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir)
+    _run(spark, config)
+    shutil.rmtree(out / "counts")
+    run = _run(spark, config)
+    assert _actions(run) == {"ingest": "skipped", "count": "ran"}
+    assert "missing" in run["stages"][1]["reason"]
+    # An upstream output rewritten outside the runner (by its own job) is a changed input.
+    run_ingest(spark, config)
+    run = _run(spark, config)
+    assert _actions(run) == {"ingest": "ran", "count": "ran"}
+    assert "changed since the manifest" in run["stages"][0]["reason"]
+
+
+def test_failed_stage_stops_the_run_and_leaves_no_manifest(
+    spark, tmp_path, tiny_mnist_dir, monkeypatch
+):
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir)
+    _run(spark, config)
+    changed = _config(out, tiny_mnist_dir, "visualize.seed=3")
+    # The stage is killed between writing its output and the runner writing its manifest.
+    monkeypatch.setenv("PIPELINES_FAILPOINTS", "runner.count.finish=raise")
+    monkeypatch.setenv("PIPELINES_FAILPOINTS_DIR", str(tmp_path / "fp"))
+    with pytest.raises(StageFailed, match="stage 'count' failed: InjectedFault"):
+        _run(spark, changed, registry=REGISTRY[:3])
+    assert not (out / "_manifests" / "count.json").exists()
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["status"] == "failed"
+    assert _actions(saved) == {"ingest": "skipped", "count": "failed"}  # 'later' never started
+    assert "InjectedFault" in saved["stages"][1]["reason"]
+
+    rerun = _run(spark, changed)
+    assert _actions(rerun) == {"ingest": "skipped", "count": "ran"}
+    assert rerun["stages"][1]["reason"] == "no manifest"
+
+    with pytest.raises(StageFailed, match="stage 'later' failed: FileNotFoundError: no input"):
+        _run(spark, changed, registry=REGISTRY[:3])
+    assert not (out / "_manifests" / "later.json").exists()
+
+
+def test_tampered_manifest_is_not_trusted(spark, tmp_path, tiny_mnist_dir):
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir)
+    _run(spark, config)
+    path = out / "_manifests" / "count.json"
+    manifest = json.loads(path.read_text())
+    manifest["config_digest"] = config.digest("visualize")[::-1]
+    path.write_text(json.dumps(manifest))
+    (path.parent / f".{path.name}.crc").unlink()  # as on a filesystem without checksums
+    assert _actions(_run(spark, config))["count"] == "ran"
+
+
+def test_selection_and_stages_missing_from_the_build(spark, tmp_path, tiny_mnist_dir):
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir)
+    names = lambda plan: [s.name for s in plan.stages]  # noqa: E731
+    assert names(make_plan(config, registry=REGISTRY, only=["count"])) == ["count"]
+    assert names(make_plan(config, registry=REGISTRY, from_stage="later")) == ["later", "absent"]
+    plan = make_plan(config, registry=REGISTRY)
+    assert plan.missing == {"absent"}
+    with pytest.raises(ConfigError, match=r"unknown stage.*Received: \['nope'\]"):
+        make_plan(config, registry=REGISTRY, only=["ingest", "nope"])
+    with pytest.raises(ConfigError, match="not in this build.*Received"):
+        make_plan(config, registry=REGISTRY, only=["absent"])
+    with pytest.raises(ConfigError, match="unknown stage"):
+        make_plan(_config(out, tiny_mnist_dir, "pipeline.stages=[ingest, typo]"),
+                  registry=REGISTRY)
+    only_ingest = _config(out, tiny_mnist_dir, "pipeline.stages=[ingest]")
+    assert names(make_plan(only_ingest, registry=REGISTRY)) == ["ingest"]
+    no_report = _config(out, tiny_mnist_dir, "pipeline.report=false")
+    assert "report" not in names(make_plan(no_report))
+    # A full run walks past a stage that is not in this build, with a warning.
+    run = _run(spark, config, registry=(REGISTRY[0], REGISTRY[3]))
+    assert _actions(run) == {"ingest": "ran", "absent": "missing"}
+
+
+def test_registry_rows_are_well_formed():
+    names = [spec.name for spec in STAGES]
+    assert names == ["ingest", "visualize", "export", "augment", "transfer", "train_cnn",
+                     "score", "report"]
+    for index, spec in enumerate(STAGES):
+        assert ":" in spec.entry and spec.sections
+        assert set(spec.upstream) <= set(names[:index]), spec.name
+        assert all("." in key for key in (*spec.inputs, *spec.outputs)), spec.name
+
+
+def test_unreadable_input_fails_the_stage_with_a_clear_cause(spark, tmp_path, tiny_mnist_dir):
+    junk = tmp_path / "junk" / "3"
+    junk.mkdir(parents=True)
+    (junk / "a.png").write_bytes(b"not a png at all")
+    out = tmp_path / "out"
+    config = _config(out, tiny_mnist_dir, "ingest.source=folder", f"ingest.folder={junk.parent}")
+    with pytest.raises(StageFailed, match="stage 'ingest' failed: ValueError: no decodable images"):
+        _run(spark, config, registry=REGISTRY[:1])
+    assert not (out / "_manifests" / "ingest.json").exists() and not (out / "images").exists()
