@@ -16,7 +16,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -109,6 +109,39 @@ class VisualizeConfig(Section):
     class_names: list[str] | None = None
 
 
+class ExportConfig(Section):
+    """The export job: image Parquet to PNG files, ``<output>/split=<s>/label=<l>/<id>.png``."""
+
+    input: str = "{output_root}/images"
+    #: A local path or any URI fsspec knows (``file://``, ``hdfs://``, ``s3a://``, ``gs://``...).
+    output: str = "{output_root}/png"
+    #: ``replace`` builds the whole output in a staged sibling folder and swaps it in at the end;
+    #: ``skip`` writes into the output and keeps files already there (resumes an interrupted
+    #: export of the same selection; refuses an output written with another selection).
+    mode: Literal["replace", "skip"] = "replace"
+    #: Only these splits (default all).
+    splits: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")]] | None = Field(
+        default=None, min_length=1
+    )
+    #: Only these labels (default all).
+    labels: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    #: At most this many images (default all), chosen as ``sample`` says.
+    limit: int | None = Field(default=None, ge=1)
+    #: Which images ``limit`` keeps: ``first`` by (split, id), as the seed notebook exported its
+    #: first 9, or ``random``: a seeded choice that does not depend on the partitioning.
+    sample: Literal["first", "random"] = "first"
+    seed: int = 0
+    #: zlib level of the PNG files, 0 (none, fastest) to 9 (smallest); lossless at every level.
+    #: 6 is Pillow's default.
+    compress_level: int = Field(default=6, ge=0, le=9)
+    #: Repartition into this many write tasks first (default: the input's partitions, or the
+    #: default parallelism after a ``limit``).
+    partitions: int | None = Field(default=None, ge=1)
+    #: Passed to the fsspec filesystem of ``output`` on the executors (endpoint, credentials
+    #: profile...); Hadoop's ``fs.s3a.*`` settings do not reach it. Keep secrets out of YAML.
+    storage_options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+
 class PipelineConfig(Section):
     """The pipeline run (``jobs/run_pipeline.py``, see :mod:`pipelines.runner`)."""
 
@@ -139,6 +172,7 @@ class Config(Section):
     mnist: MnistConfig = Field(default_factory=MnistConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
