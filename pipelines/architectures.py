@@ -115,10 +115,24 @@ def compile_model(model: keras.Model, spec: ArchitectureSpec, steps_per_epoch: i
 
 
 def summary_text(model: keras.Model) -> str:
-    """``model.summary()`` as plain text."""
+    """``model.summary()`` as plain text, all columns.
+
+    Keras renders it with a rich console whose width comes from ``COLUMNS`` (80 when there is
+    no terminal, which cuts the parameter column off); it is widened for the call.
+    """
+    import os
+
     lines: list[str] = []
-    model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=120)
-    return "\n".join(lines)
+    saved = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "120"
+    try:
+        model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line), line_length=110)
+    finally:
+        if saved is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = saved
+    return "\n".join(lines).rstrip()
 
 
 def steps(rows: int, batch_size: int) -> int:
