@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) jobs/ingest_mnist.py --config $(CONFIG)
 	$(PY) jobs/visualize.py --config $(CONFIG)
+	$(PY) jobs/train_cnn.py --config $(CONFIG)
+	$(PY) jobs/score.py --config $(CONFIG)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -28,6 +30,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/ingest_mnist.py
+	$(PY) benchmarks/cnn.py --images out/images
 
 clean:
 	rm -rf out out-test spark-warehouse .pytest_cache

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from conftest import TEST_CONF, make_digits
 
-from jobs import train_cnn
 from pipelines.architectures import build_model, resolve_architecture
-from pipelines.cnn import OUTPUT_FILES
+from pipelines.cnn import OUTPUT_FILES, run_train_cnn
 from pipelines.cnn import train_cnn as train
 from pipelines.cnn_data import make_dataset, open_split
-from pipelines.config import ConfigError, IngestConfig, load_config
-from pipelines.faults import ENV_DIR, ENV_POINTS
+from pipelines.config import Config, ConfigError, IngestConfig, load_config
+from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
 from pipelines.ingest import mnist_frame, write_image_parquet
 from pipelines.mnist import MnistArrays
 
@@ -58,23 +57,24 @@ def image_parquet(spark, digits, tmp_path_factory) -> str:
     return out
 
 
-def _args(root: Path, images: str, *extra: str) -> list[str]:
-    return [
-        "--config", str(TEST_CONF),
-        "--set", f"output_root={root}",
-        "--set", f"cnn.inputs=[{images}]",
-        "--set", "cnn.architecture=tiny",
-        "--set", f"cnn.architectures={{tiny: {json.dumps(TINY)}}}",
-        *[x for item in extra for x in ("--set", item)],
-    ]
+def _config(root: Path, images: str, *extra: str) -> Config:
+    # Stage functions are called with the session fixture (a job's run_job would stop it).
+    return load_config(TEST_CONF, [
+        f"output_root={root}",
+        f"cnn.inputs=[{images}]",
+        "cnn.architecture=tiny",
+        f"cnn.architectures={{tiny: {json.dumps(TINY)}}}",
+        *extra,
+    ])
 
 
 def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
-    image_parquet, digits, tmp_path
+    spark, image_parquet, digits, tmp_path
 ):
     import keras
 
-    assert train_cnn.main(_args(tmp_path, image_parquet, "cnn.tensorboard=true")) == 0
+    summary = run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.tensorboard=true"))
+    assert summary["model"] == f"{tmp_path}/cnn/model.keras"
 
     out = tmp_path / "cnn"
     for name in OUTPUT_FILES:
@@ -124,15 +124,16 @@ def test_shuffled_pipeline_is_a_permutation_reproducible_from_the_seed(image_par
 
 
 def test_interrupted_training_resumes_from_the_saved_epoch(
-    image_parquet, tmp_path, monkeypatch
+    spark, image_parquet, tmp_path, monkeypatch
 ):
     monkeypatch.setenv(ENV_POINTS, "cnn.epoch=raise")
     monkeypatch.setenv(ENV_DIR, str(tmp_path / "failpoints"))
-    args = _args(tmp_path, image_parquet, "cnn.epochs=3")
+    config = _config(tmp_path, image_parquet, "cnn.epochs=3")
 
-    assert train_cnn.main(args) == 1  # fails at the end of epoch 1
+    with pytest.raises(InjectedFault):  # fails at the end of epoch 1
+        run_train_cnn(spark, config)
     assert not (tmp_path / "cnn").exists()  # nothing half-published
-    assert train_cnn.main(args) == 0  # the failpoint fired once; the rerun resumes
+    run_train_cnn(spark, config)  # the failpoint fired once; the rerun resumes
 
     metrics = json.loads((tmp_path / "cnn" / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == 1
@@ -187,3 +188,9 @@ def test_labels_beyond_num_classes_and_missing_inputs_are_rejected(image_parquet
     missing = load_config(TEST_CONF, [*base, f"cnn.inputs=[{tmp_path / 'nope'}]"])
     with pytest.raises(FileNotFoundError, match="nope"):
         train(missing.cnn)
+
+
+def test_train_job_exits_2_on_a_bad_config_before_spark_starts():
+    from jobs import train_cnn
+
+    assert train_cnn.main(["--config", str(TEST_CONF), "--set", "cnn.epochs=0"]) == 2

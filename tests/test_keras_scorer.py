@@ -10,12 +10,12 @@ from conftest import TEST_CONF, make_digits
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import functions as F
 
-from jobs import score
-from pipelines.config import IngestConfig
+from pipelines.config import IngestConfig, load_config
 from pipelines.images import encode_png
 from pipelines.ingest import mnist_frame, write_image_parquet
 from pipelines.keras_scorer import KerasImageClassifier
 from pipelines.mnist import MnistArrays
+from pipelines.score import run_score
 
 
 def _save(model, path) -> str:
@@ -144,10 +144,11 @@ def test_score_job_writes_predictions_and_metrics_for_parquet_and_png(
     images = str(tmp_path / "images")
     write_image_parquet(spark, mnist_frame(spark, digits, validation_size=0),
                         IngestConfig(output=images, partitions=2))
-    common = ["--config", str(TEST_CONF), "--set", f"score.model={model_path}"]
+    common = [f"score.model={model_path}"]
     out = tmp_path / "scores"
-    assert score.main([*common, "--set", f"score.input={images}",
-                       "--set", f"score.output={out}"]) == 0
+    summary = run_score(spark, load_config(TEST_CONF, [*common, f"score.input={images}",
+                                                       f"score.output={out}"]))
+    assert summary["rows"] == 30 and summary["unscorable_rows"] == 0
 
     scored = spark.read.parquet(str(out))
     assert scored.columns == ["id", "label", "prediction", "probability"]
@@ -164,8 +165,8 @@ def test_score_job_writes_predictions_and_metrics_for_parquet_and_png(
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
         (folder / str(label) / f"{i}.png").write_bytes(encode_png(img))
     out_png = tmp_path / "scores-png"
-    assert score.main([*common, "--set", "score.input_format=png", "--set", f"score.input={folder}",
-                       "--set", f"score.output={out_png}"]) == 0
+    run_score(spark, load_config(TEST_CONF, [*common, "score.input_format=png",
+                                             f"score.input={folder}", f"score.output={out_png}"]))
     rows = spark.read.parquet(str(out_png)).orderBy(F.element_at(F.split("id", "/"), -1)).collect()
     assert [r.label for r in rows] == digits.test_labels[:5].tolist()
     assert [r.prediction for r in rows] == expected[:5].tolist()
