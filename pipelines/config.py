@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -109,6 +116,127 @@ class VisualizeConfig(Section):
     class_names: list[str] | None = None
 
 
+class ArchitectureSpec(Section):
+    """A Keras model and how it is trained, as data (see :mod:`pipelines.architectures`).
+
+    ``layers`` are Keras layer configs in order, each either ``{ClassName: {arg: value}}`` or
+    Keras' own serialized form ``{class_name: ..., config: {...}}``; the model is
+    ``Sequential([Input(input_shape), *layers])``. Random* preprocessing layers in the list give
+    on-the-fly augmentation (active in training only, saved with the model).
+    """
+
+    description: str = ""
+    input_shape: tuple[int, int, int] = (28, 28, 1)
+    layers: list[dict[str, Any]] = Field(min_length=1)
+    #: A Keras loss name or serialized loss (``{class_name: ..., config: {...}}``).
+    loss: str | dict[str, Any] = "categorical_crossentropy"
+    #: A Keras optimizer name or serialized optimizer.
+    optimizer: str | dict[str, Any] = "adam"
+    #: Peak learning rate; ``null`` keeps the optimizer's own.
+    learning_rate: float | None = Field(default=None, gt=0)
+    #: ``constant``, or ``cosine`` decay to ``learning_rate * min_lr_ratio`` after a linear
+    #: warm-up of ``warmup_epochs``.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_epochs: float = Field(default=0.0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+    #: Keras metric names compiled into the model; ``top1`` (true top-1 accuracy) is always added.
+    metrics: list[str] = Field(default_factory=lambda: ["accuracy"])
+    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=10, ge=1)
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, layer in enumerate(layers):
+            if "class_name" in layer:
+                if not isinstance(layer.get("config", {}), dict):
+                    raise ValueError(f"layers[{i}].config must be a mapping. Received: {layer!r}")
+            elif len(layer) != 1 or not isinstance(next(iter(layer.values())) or {}, dict):
+                raise ValueError(
+                    f"layers[{i}] must be {{ClassName: {{arg: value}}}} or "
+                    f"{{class_name: ..., config: {{...}}}}. Received: {layer!r}"
+                )
+        return layers
+
+
+class CnnConfig(Section):
+    """The train_cnn job: a Keras CNN trained on the driver from image Parquet."""
+
+    #: Image Parquet folders (ingest output, and augment output when wanted), each with
+    #: ``split``, ``label`` and ``image`` (Spark's image struct); rows of every input are used.
+    inputs: list[str] = Field(default_factory=lambda: ["{output_root}/images"], min_length=1)
+    output: str = "{output_root}/cnn"
+    #: Name of a built-in architecture (``seed``, ``default``) or of one in ``architectures``.
+    architecture: str = "default"
+    #: Extra architectures by name (they may also replace a built-in one).
+    architectures: dict[str, ArchitectureSpec] = Field(default_factory=dict)
+    #: Override the architecture's epochs / batch size.
+    epochs: int | None = Field(default=None, ge=1)
+    batch_size: int | None = Field(default=None, ge=1)
+    num_classes: int = Field(default=10, ge=2)
+    train_split: str = "train"
+    validation_split: str = "validation"
+    test_split: str = "test"
+    #: Training rows held in the shuffle buffer (with the Arrow batch, what bounds memory).
+    shuffle_buffer: int = Field(default=10000, ge=1)
+    #: Rows per Arrow record batch read from Parquet.
+    read_batch_rows: int = Field(default=4096, ge=1)
+    #: Epochs without improvement of ``monitor`` before stopping; ``null`` disables.
+    early_stopping_patience: int | None = Field(default=3, ge=1)
+    monitor: str = "val_top1"
+    #: Driver-local folder for resumable state (weights, optimizer, epoch), the best checkpoint
+    #: and TensorBoard logs while training. Must be a local path, also on a cluster.
+    checkpoint_dir: str = "{output_root}/_checkpoints/cnn"
+    #: Continue from the last epoch checkpoint of an interrupted run with the same settings.
+    resume: bool = True
+    seed: int = 0
+    #: TensorFlow deterministic ops (reproducible to the bit, somewhat slower).
+    deterministic: bool = False
+    #: Keras progress output: ``bar`` (interactive), ``epoch`` (one line per epoch), ``off``.
+    progress: Literal["bar", "epoch", "off"] = "epoch"
+    tensorboard: bool = True
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _local_only(cls, value: str) -> str:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(
+                f"cnn.checkpoint_dir must be a driver-local path. Received: {value!r}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _known_architecture(self) -> CnnConfig:
+        from pipelines.architectures import builtin_names
+
+        known = sorted({*builtin_names(), *self.architectures})
+        if self.architecture not in known:
+            raise ValueError(
+                f"unknown architecture; expected one of {known}. "
+                f"Received: architecture={self.architecture!r}"
+            )
+        return self
+
+
+class ScoreConfig(Section):
+    """The score job: a saved Keras model applied to images on the executors."""
+
+    #: A ``.keras`` file (local path or any URI Spark can read).
+    model: str = "{output_root}/cnn/model.keras"
+    #: Image Parquet (``parquet``) or a folder of PNG files read recursively (``png``).
+    input: str = "{output_root}/images"
+    input_format: Literal["parquet", "png"] = "parquet"
+    #: For Parquet input: the splits to score; ``null`` scores every row.
+    splits: list[str] | None = Field(default_factory=lambda: ["test"])
+    output: str = "{output_root}/scores"
+    batch_size: int = Field(default=256, ge=1)
+    #: Pixel values in [0, 255] are multiplied by this before the model (1/255 -> [0, 1]).
+    scale: float = 1.0 / 255.0
+    #: Resampling used when image size differs from the model input.
+    resize_method: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = "bilinear"
+    mode: Literal["overwrite", "error"] = "overwrite"
+
+
 class ExportConfig(Section):
     """The export job: image Parquet to PNG files, ``<output>/split=<s>/label=<l>/<id>.png``."""
 
@@ -172,6 +300,8 @@ class Config(Section):
     mnist: MnistConfig = Field(default_factory=MnistConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
+    cnn: CnnConfig = Field(default_factory=CnnConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)

@@ -1,0 +1,211 @@
+"""Image Parquet -> ``tf.data`` for training on the driver, streamed in Arrow record batches.
+
+The driver reads the Parquet files itself with ``pyarrow.dataset`` (any filesystem pyarrow knows:
+local, ``hdfs://``, ``s3://``, ``gs://``), one split at a time, in record batches of
+``read_batch_rows`` rows. Each batch's pixel buffer is reinterpreted as a ``uint8`` array
+(N, H, W, C) without a Python object per row; ``tf.data`` then unbatches, shuffles in a buffer
+of ``shuffle_buffer`` rows and batches. Memory is bounded by those two settings (and the
+prefetch of one batch), never by the size of the data set. Nothing is cached between epochs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+_COLUMNS = {
+    "label": pc.field("label"),
+    "data": pc.field("image", "data"),
+    "height": pc.field("image", "height"),
+    "width": pc.field("image", "width"),
+    "channels": pc.field("image", "nChannels"),
+}
+
+
+def open_parquet(path: str) -> ds.Dataset:
+    """A hive-partitioned Parquet dataset at a local path or URI; clear errors when it is not one.
+
+    Raises:
+        FileNotFoundError: nothing readable at ``path``.
+        ValueError: the data has no ``split``, ``label`` or ``image`` field.
+    """
+    try:
+        if "://" in path:
+            fs, root = pafs.FileSystem.from_uri(path)
+        else:
+            fs, root = pafs.LocalFileSystem(), path
+        dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+        raise FileNotFoundError(f"cannot read image Parquet at {path!r}: {exc}") from None
+    names = dataset.schema.names
+    missing = [n for n in ("split", "label", "image") if n not in names]
+    if missing:
+        raise ValueError(
+            f"{path!r} is not image Parquet with a split: missing {missing}. "
+            f"Received columns: {names}"
+        )
+    return dataset
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    """One split of one or more image Parquet inputs, with the image shape a model expects."""
+
+    datasets: tuple[ds.Dataset, ...]
+    split: str
+    height: int
+    width: int
+    channels: int
+
+    @property
+    def _filter(self) -> pc.Expression:
+        return pc.field("split") == self.split
+
+    def count(self) -> int:
+        """Rows of this split in every input (from Parquet metadata, no data read)."""
+        return sum(d.count_rows(filter=self._filter) for d in self.datasets)
+
+    def label_counts(self) -> dict[int, int]:
+        """Rows per label (reads the label column only)."""
+        counts: dict[int, int] = {}
+        for dataset in self.datasets:
+            table = dataset.to_table(columns=["label"], filter=self._filter)
+            for item in pc.value_counts(table.column("label")).to_pylist():
+                if item["values"] is not None:
+                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+        return dict(sorted(counts.items()))
+
+    def check(self) -> None:
+        """Decode a first small batch, so bad sizes or channels fail before training starts."""
+        next(self.batches(16), None)
+
+    def batches(
+        self, rows: int, seed: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (uint8 images (n, H, W, C) in RGB/gray, int32 labels (n,)) per record batch.
+
+        With ``seed`` the order of the files is shuffled (rows within a file keep their order;
+        the caller's shuffle buffer mixes them).
+        """
+        fragments = [
+            (d, f) for d in self.datasets for f in d.get_fragments(filter=self._filter)
+        ]
+        if seed is not None:
+            order = np.random.default_rng(seed).permutation(len(fragments))
+            fragments = [fragments[i] for i in order]
+        for dataset, fragment in fragments:
+            scanner = ds.Scanner.from_fragment(
+                fragment, schema=dataset.schema, columns=_COLUMNS, filter=self._filter,
+                batch_size=rows,
+            )
+            for batch in scanner.to_batches():
+                if batch.num_rows:
+                    yield self.decode(batch, fragment.path)
+
+    def decode(self, batch: pa.RecordBatch, where: str) -> tuple[np.ndarray, np.ndarray]:
+        """A record batch of (label, data, height, width, channels) -> numpy arrays, zero-copy."""
+        n = batch.num_rows
+        data = batch.column("data")
+        labels = batch.column("label")
+        if data.null_count or labels.null_count:
+            raise ValueError(f"null images or labels in {where!r} (split {self.split!r})")
+        dims = [batch.column(k).to_numpy(zero_copy_only=False)
+                for k in ("height", "width", "channels")]
+        h, w, c = (int(d[0]) for d in dims)
+        if any((d != d[0]).any() for d in dims) or (h, w) != (self.height, self.width):
+            sizes = sorted({(int(a), int(b), int(k)) for a, b, k in zip(*dims, strict=True)})
+            raise ValueError(
+                f"images must all be {self.height}x{self.width} (the model input). "
+                f"Received sizes (H, W, C) {sizes[:5]} in {where!r}"
+            )
+        offset_type = np.int64 if pa.types.is_large_binary(data.type) else np.int32
+        offsets = np.frombuffer(data.buffers()[1], offset_type)[data.offset:data.offset + n + 1]
+        per_image = h * w * c
+        if not (np.diff(offsets) == per_image).all():
+            raise ValueError(f"image data sizes do not match height*width*nChannels in {where!r}")
+        pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        images = fit_channels(pixels.reshape(n, h, w, c), self.channels, where)
+        return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+
+
+def fit_channels(images: np.ndarray, channels: int, where: str = "") -> np.ndarray:
+    """Stored channel order (gray, BGR, BGRA) batch -> gray or RGB with ``channels`` channels."""
+    have = images.shape[-1]
+    if have in (3, 4):
+        images = images[..., [2, 1, 0]]  # BGR(A) -> RGB, alpha dropped
+        have = 3
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    if have == 3 and channels == 1:
+        luma = images.astype(np.uint32) @ np.array([299, 587, 114], np.uint32)
+        return ((luma + 500) // 1000).astype(np.uint8)[..., None]
+    raise ValueError(
+        f"cannot feed {have}-channel images to a model with {channels} input channels. "
+        f"Received: nChannels={have} in {where!r}"
+    )
+
+
+def open_split(paths: list[str], split: str, input_shape: tuple[int, int, int]) -> ImageSplit:
+    """The ``split`` rows of every input in ``paths`` for a model of ``input_shape`` (H, W, C)."""
+    height, width, channels = input_shape
+    return ImageSplit(tuple(open_parquet(p) for p in paths), split, height, width, channels)
+
+
+def make_dataset(
+    source: ImageSplit, batch_size: int, num_classes: int, read_rows: int,
+    shuffle_buffer: int | None = None, seed: int = 0,
+) -> tf.data.Dataset:
+    """A ``tf.data.Dataset`` of (float32 images in [0, 1], one-hot float32 labels) batches.
+
+    ``shuffle_buffer`` (training) shuffles file order and rows each epoch, reproducibly from
+    ``seed``; without it the order is the stored one. The cardinality is set from the Parquet
+    row count, so Keras shows progress and learning-rate schedules know the steps.
+    """
+    import tensorflow as tf
+
+    rows = source.count()
+    if rows == 0:
+        raise ValueError(f"no rows in split {source.split!r} of the inputs")
+    h, w, c = source.height, source.width, source.channels
+    epochs = iter(range(1 << 62))
+
+    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        epoch_seed = None if shuffle_buffer is None else seed * 1_000_003 + next(epochs)
+        yield from source.batches(read_rows, epoch_seed)
+
+    dataset = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(
+            tf.TensorSpec((None, h, w, c), tf.uint8),
+            tf.TensorSpec((None,), tf.int32),
+        ),
+    ).unbatch()
+    if shuffle_buffer is not None:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(batch_size)
+
+    @tf.autograph.experimental.do_not_convert
+    def to_model_input(images, labels):
+        return tf.cast(images, tf.float32) / 255.0, tf.one_hot(labels, num_classes)
+
+    n_batches = -(-rows // batch_size)
+    return (
+        dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
+        .apply(tf.data.experimental.assert_cardinality(n_batches))
+        .prefetch(1)
+    )

@@ -1,0 +1,196 @@
+"""The train_cnn job: Parquet -> tf.data, training on the driver, resume, outputs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TEST_CONF, make_digits
+
+from pipelines.architectures import build_model, resolve_architecture
+from pipelines.cnn import OUTPUT_FILES, run_train_cnn
+from pipelines.cnn import train_cnn as train
+from pipelines.cnn_data import make_dataset, open_split
+from pipelines.config import Config, ConfigError, IngestConfig, load_config
+from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
+from pipelines.ingest import mnist_frame, write_image_parquet
+from pipelines.mnist import MnistArrays
+
+TINY = {
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3, "activation": "relu"}},
+        {"MaxPooling2D": {"pool_size": 4}},
+        {"Flatten": {}},
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+    "batch_size": 16,
+    "epochs": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits 0-9 drawn as distinct bright blocks plus noise: learnable in a few steps."""
+    def draw(n, seed):
+        images, labels = make_digits(n, seed=seed)
+        images = (images // 4).astype(np.uint8)
+        for i, label in enumerate(labels):
+            row, col = divmod(int(label), 5)
+            images[i, 4 + row * 10:12 + row * 10, 1 + col * 5:5 + col * 5] = 255
+        return images, labels
+
+    train_x, train_y = draw(160, 1)
+    test_x, test_y = draw(40, 2)
+    return MnistArrays(train_x, train_y, test_x, test_y)
+
+
+@pytest.fixture(scope="module")
+def image_parquet(spark, digits, tmp_path_factory) -> str:
+    """Image Parquet written by the ingest code: 120 train, 40 validation, 40 test rows."""
+    out = str(tmp_path_factory.mktemp("cnn") / "images")
+    frame = mnist_frame(spark, digits, validation_size=40)
+    write_image_parquet(spark, frame, IngestConfig(output=out, partitions=3))
+    return out
+
+
+def _config(root: Path, images: str, *extra: str) -> Config:
+    # Stage functions are called with the session fixture (a job's run_job would stop it).
+    return load_config(TEST_CONF, [
+        f"output_root={root}",
+        f"cnn.inputs=[{images}]",
+        "cnn.architecture=tiny",
+        f"cnn.architectures={{tiny: {json.dumps(TINY)}}}",
+        *extra,
+    ])
+
+
+def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
+    spark, image_parquet, digits, tmp_path
+):
+    import keras
+
+    summary = run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.tensorboard=true"))
+    assert summary["model"] == f"{tmp_path}/cnn/model.keras"
+
+    out = tmp_path / "cnn"
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows"] == {"train": 120, "validation": 40, "test": 40}
+    assert metrics["epochs_run"] == 1 and metrics["resumed_from_epoch"] is None
+    assert [c["support"] for c in metrics["test"]["per_class"]] == [4] * 10
+    assert "Total params" in (out / "summary.txt").read_text()
+    for png in ("training_curves.png", "confusion_matrix.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The published model reproduces the reported test top-1 on the raw test images.
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
+    top1 = float((probs.argmax(axis=1) == digits.test_labels).mean())
+    assert metrics["test"]["top1"] == pytest.approx(top1)
+    assert np.trace(np.array(metrics["test"]["confusion_matrix"])) == round(top1 * 40)
+
+
+def test_input_pipeline_yields_the_stored_images_scaled_with_one_hot_labels(
+    image_parquet, digits
+):
+    source = open_split([image_parquet], "validation", (28, 28, 1))
+    dataset = make_dataset(source, batch_size=16, num_classes=10, read_rows=7)
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset], strict=True)
+    images, labels = np.concatenate(images), np.concatenate(labels)
+
+    assert [len(b) for b in images[:0]] == [] and images.shape == (40, 28, 28, 1)
+    np.testing.assert_array_equal(images[..., 0], digits.train_images[:40] / np.float32(255))
+    np.testing.assert_array_equal(labels.argmax(axis=1), digits.train_labels[:40])
+    assert labels.sum() == 40
+
+
+def test_shuffled_pipeline_is_a_permutation_reproducible_from_the_seed(image_parquet):
+    source = open_split([image_parquet], "train", (28, 28, 1))
+
+    def labels(seed):
+        dataset = make_dataset(source, 32, 10, read_rows=10, shuffle_buffer=50, seed=seed)
+        return np.concatenate([y.numpy().argmax(axis=1) for _, y in dataset])
+
+    first, again, other = labels(3), labels(3), labels(4)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert sorted(first.tolist()) == sorted(np.arange(120) % 10)
+
+
+def test_interrupted_training_resumes_from_the_saved_epoch(
+    spark, image_parquet, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(ENV_POINTS, "cnn.epoch=raise")
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "failpoints"))
+    config = _config(tmp_path, image_parquet, "cnn.epochs=3")
+
+    with pytest.raises(InjectedFault):  # fails at the end of epoch 1
+        run_train_cnn(spark, config)
+    assert not (tmp_path / "cnn").exists()  # nothing half-published
+    run_train_cnn(spark, config)  # the failpoint fired once; the rerun resumes
+
+    metrics = json.loads((tmp_path / "cnn" / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == 1
+    assert metrics["epochs_run"] == 3
+    with (tmp_path / "cnn" / "history.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1, 2]
+
+
+def test_seed_architecture_is_the_notebook_model():
+    import keras
+
+    spec = resolve_architecture(load_config(None, ["cnn.architecture=seed"]).cnn)
+    model = build_model(spec, 10)
+    layers = [(type(x).__name__, getattr(x, "units", None) or getattr(x, "filters", None))
+              for x in model.layers]
+    assert layers == [("Conv2D", 32), ("Flatten", None), ("Dense", 128), ("Dense", 10)]
+    assert model.layers[0].kernel_size == (3, 3)
+    assert model.layers[-1].activation is keras.activations.sigmoid
+    assert model.input_shape == (None, 28, 28, 1)
+    assert (spec.loss, spec.optimizer, spec.batch_size, spec.epochs) == (
+        "binary_crossentropy", "adam", 512, 5)
+
+
+def test_unknown_architecture_fails_when_the_config_loads():
+    with pytest.raises(ConfigError, match="Received: architecture='resnet9000'"):
+        load_config(TEST_CONF, ["cnn.architecture=resnet9000"])
+
+
+def test_unknown_layer_in_an_architecture_is_named(tmp_path):
+    bad = {**TINY, "layers": [{"Conv9D": {"filters": 2}}, *TINY["layers"]]}
+    cfg = load_config(TEST_CONF, ["cnn.architecture=bad",
+                                  f"cnn.architectures={{bad: {json.dumps(bad)}}}"]).cnn
+    with pytest.raises(ValueError, match=r"layers\[0\].*Received: \{'Conv9D'"):
+        build_model(resolve_architecture(cfg), 10)
+
+
+def test_images_that_do_not_fit_the_architecture_input_are_rejected(image_parquet, tmp_path):
+    wide = {**TINY, "input_shape": [32, 32, 1]}
+    cfg = load_config(TEST_CONF, [
+        f"output_root={tmp_path}", f"cnn.inputs=[{image_parquet}]", "cnn.architecture=wide",
+        f"cnn.architectures={{wide: {json.dumps(wide)}}}"]).cnn
+    with pytest.raises(ValueError, match=r"32x32.*Received sizes \(H, W, C\) \[\(28, 28, 1\)\]"):
+        train(cfg)
+
+
+def test_labels_beyond_num_classes_and_missing_inputs_are_rejected(image_parquet, tmp_path):
+    base = [f"output_root={tmp_path}", "cnn.architecture=tiny",
+            f"cnn.architectures={{tiny: {json.dumps(TINY)}}}"]
+    few = load_config(TEST_CONF, [*base, f"cnn.inputs=[{image_parquet}]", "cnn.num_classes=5"])
+    with pytest.raises(ValueError, match="num_classes=5.*Received label counts"):
+        train(few.cnn)
+    missing = load_config(TEST_CONF, [*base, f"cnn.inputs=[{tmp_path / 'nope'}]"])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train(missing.cnn)
+
+
+def test_train_job_exits_2_on_a_bad_config_before_spark_starts():
+    from jobs import train_cnn
+
+    assert train_cnn.main(["--config", str(TEST_CONF), "--set", "cnn.epochs=0"]) == 2
