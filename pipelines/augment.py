@@ -73,7 +73,7 @@ def run_augment(spark: SparkSession, config: Config) -> dict[str, Any]:
     sources, bad_paths = source_frame(spark, cfg)
     with storage.staged_dir(cfg.output) as tmp:
         root = storage.qualify(tmp)
-        stats = augment_frame(sources, cfg, root)
+        stats = augment_frame(sources, cfg, root, final=storage.qualify(cfg.output))
         bad = bad_paths + stats["bad"]
         total = stats["sources"] + len(bad)
         fraction = len(bad) / total if total else 0.0
@@ -120,9 +120,10 @@ def run_augment(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 
 def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, list[dict]]:
-    """The source images as :data:`SOURCE_SCHEMA` rows, filtered and limited as configured.
+    """The source images (``source_id``, ``split``, ``label``, ``origin``, and PNG bytes in
+    ``content`` or an image struct in ``image``), filtered and limited as configured.
 
-    Returns the frame and the input files rejected on the driver (outside the layout).
+    Returns the frame and the input files rejected while listing (empty, outside the layout).
     """
     if cfg.input_format == "parquet":
         images = read_images(spark, cfg.input)
@@ -131,35 +132,40 @@ def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, li
             F.col("image.origin").alias("origin"), F.lit(None).cast("binary").alias("content"),
             "image",
         )
-        bad: list[dict] = []
-    else:
-        files = (spark.read.format("binaryFile").option("recursiveFileLookup", True)
-                 .load(cfg.input))
-        parts = F.regexp_extract("path", r"/split=([^/]+)/label=(-?\d+)/([^/]+)$", 0)
-        df = files.select(
-            F.regexp_extract("path", r"/([^/]+?)(\.[^./]*)?$", 1).alias("source_id"),
-            F.regexp_extract("path", r"/split=([^/]+)/label=", 1).alias("split"),
-            F.regexp_extract("path", r"/label=(-?\d+)/[^/]+$", 1).cast("int").alias("label"),
-            F.col("path").alias("origin"), "content", F.lit(None).cast(IMAGE_STRUCT).alias("image"),
-            (parts != "").alias("in_layout"),
-        )
-        # Listed once (paths only, no content read). Spark plans no read of empty files, so
-        # they are the listed files the scan does not return.
-        scanned = df.select("origin", "in_layout").collect()
-        seen = {r.origin for r in scanned}
-        bad = [{"path": r.origin, "reason": "not under split=<s>/label=<int>/"}
-               for r in scanned if not r.in_layout]
-        bad += [{"path": p, "reason": "empty file (0 bytes)"}
-                for p in sorted(_spark_path(p) for p in files.inputFiles())
-                if p not in seen]
-        df = df.where(F.col("in_layout")).drop("in_layout")
-    if cfg.splits:
-        df = df.where(F.col("split").isin(list(cfg.splits)))
+        if cfg.splits:
+            df = df.where(F.col("split").isin(list(cfg.splits)))
+        if cfg.limit:
+            chosen = [r.source_id for r in
+                      df.select("source_id").orderBy("source_id").limit(cfg.limit).collect()]
+            df = df.where(F.col("source_id").isin(chosen))
+        return df, []
+    files = _png_files(spark.read.format("binaryFile").option("recursiveFileLookup", True)
+                       .load(cfg.input))
+    # One listing pass over paths only (no file is read). Spark plans no read of empty files,
+    # so they are the indexed files the scan does not return.
+    listed = files.select("origin", "source_id", "split", "in_layout").collect()
+    seen = {r.origin for r in listed}
+    bad = [{"path": r.origin, "reason": "outside the split=<s>/label=<int>/ layout"}
+           for r in listed if not r.in_layout]
+    bad += [{"path": p, "reason": "empty file (0 bytes)"}
+            for p in sorted(_spark_path(p) for p in files.inputFiles()) if p not in seen]
+    chosen = [r for r in listed if r.in_layout and (not cfg.splits or r.split in cfg.splits)]
     if cfg.limit:
-        chosen = [r.source_id for r in
-                  df.select("source_id").orderBy("source_id").limit(cfg.limit).collect()]
-        df = df.where(F.col("source_id").isin(chosen))
-    return df, bad
+        chosen = sorted(chosen, key=lambda r: r.source_id)[: cfg.limit]
+    if chosen and len(chosen) < len(listed):  # read only the chosen files
+        files = _png_files(spark.read.format("binaryFile").load(*[r.origin for r in chosen]))
+    return files.where(F.col("in_layout")).drop("in_layout"), bad
+
+
+def _png_files(files: DataFrame) -> DataFrame:
+    path = F.col("path")
+    return files.select(
+        F.regexp_extract(path, r"/([^/]+?)(\.[^./]*)?$", 1).alias("source_id"),
+        F.regexp_extract(path, r"/split=([^/]+)/label=", 1).alias("split"),
+        F.regexp_extract(path, r"/label=(-?\d+)/[^/]+$", 1).cast("int").alias("label"),
+        path.alias("origin"), "content", F.lit(None).cast(IMAGE_STRUCT).alias("image"),
+        path.rlike(r"/split=[^/]+/label=-?\d+/[^/]+$").alias("in_layout"),
+    )
 
 
 def _spark_path(path: str) -> str:
@@ -167,13 +173,16 @@ def _spark_path(path: str) -> str:
     return "file:/" + path[len("file:///"):] if path.startswith("file:///") else path
 
 
-def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str) -> dict[str, Any]:
-    """Run the augmentation (PNG files and/or Parquet under ``root``); returns the task stats."""
+def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str) -> dict[str, Any]:
+    """Run the augmentation (PNG files and/or Parquet under ``root``); returns the task stats.
+
+    ``final`` is where ``root`` will be published: image origins name the published PNG files.
+    """
     ordered = sources.repartition(cfg.partitions, "source_id").sortWithinPartitions("source_id")
     run = _partition_fn(
         operations=[op.model_dump() for op in cfg.operations], seed=cfg.seed,
         samples=cfg.samples_per_image, keep_originals=cfg.keep_originals,
-        png_root=f"{root}/png" if "png" in cfg.formats else None,
+        png_root=f"{root}/png" if "png" in cfg.formats else None, origin_root=f"{final}/png",
         rows="parquet" in cfg.formats, compress_level=cfg.png_compress_level,
         stats_root=f"{root}/{_STATS_DIR}",
     )
@@ -185,8 +194,8 @@ def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str) -> dict[str
     return _collect_stats(root)
 
 
-def _partition_fn(*, operations, seed, samples, keep_originals, png_root, rows, compress_level,
-                  stats_root):
+def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin_root, rows,
+                  compress_level, stats_root):
     """The function run on each partition; captures plain values only."""
     arrow_schema = to_arrow_schema(AUGMENTED_SCHEMA)
 
@@ -204,7 +213,8 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, rows, 
                     stats["bad"].append({"path": row["origin"], "reason": str(exc)})
                     continue
                 stats["sources"] += 1
-                folder = f"{png_path}/split={row['split']}/label={row['label']}"
+                part_dir = f"split={row['split']}/label={row['label']}"
+                folder = f"{png_path}/{part_dir}"
                 if fs is not None and folder not in made_dirs:
                     fs.makedirs(folder, exist_ok=True)
                     made_dirs.add(folder)
@@ -216,8 +226,8 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, rows, 
                     name = f"{row['source_id']}-{'original' if k is None else k}"
                     origin = ""
                     if fs is not None:
-                        origin = f"{folder}/{name}.png"
-                        write_atomic(fs, origin, _png_bytes(result, compress_level))
+                        write_atomic(fs, f"{folder}/{name}.png", _png_bytes(result, compress_level))
+                        origin = f"{origin_root}/{part_dir}/{name}.png"
                     stats["originals" if k is None else "samples"] += 1
                     if rows:
                         out.append({
@@ -286,21 +296,21 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
     if cfg.sheet_rows == 0:
         return 0
     augmenter = Augmenter([op.model_dump() for op in cfg.operations], cfg.seed)
-    candidates = sources.orderBy("source_id").limit(cfg.sheet_rows * 2).collect()
+    candidates = _sheet_sources(storage, sources, cfg)
     images, captions, labels = [], [], []
     columns = cfg.sheet_samples + 1
     for row in candidates:
         if len(labels) == cfg.sheet_rows:
             break
         try:
-            original = _to_pil(row.asDict(recursive=True))
+            original = _to_pil(row)
         except ValueError:
             continue
-        labels.append(f"{row.split}\n{row.label}")
+        labels.append(f"{row['split']}\n{row['label']}")
         images.append(_as_array(original))
-        captions.append(f"{row.source_id}\noriginal")
+        captions.append(f"{row['source_id']}\noriginal")
         for k in range(cfg.sheet_samples):
-            result, applied = augmenter.augment(original, row.source_id, k)
+            result, applied = augmenter.augment(original, row["source_id"], k)
             images.append(_as_array(result))
             captions.append(f"#{k}\n{_short(applied)}")
     if not labels:
@@ -309,6 +319,18 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
                        title=f"augment: originals and samples (seed {cfg.seed})")
     storage.write_bytes(path, png)
     return len(labels)
+
+
+def _sheet_sources(storage: Storage, sources: DataFrame, cfg: AugmentConfig) -> list[dict]:
+    """The first source rows in id order (twice the sheet rows, some may be bad), read cheaply:
+    PNG files are listed by path and read on the driver, not scanned again."""
+    first = (sources.select("source_id", "split", "label", "origin").orderBy("source_id")
+             .limit(cfg.sheet_rows * 2).collect())
+    if cfg.input_format == "parquet":
+        ids = [r.source_id for r in first]
+        chosen = sources.where(F.col("source_id").isin(ids)).orderBy("source_id").collect()
+        return [r.asDict(recursive=True) for r in chosen]
+    return [{**r.asDict(), "content": storage.read_bytes(r.origin), "image": None} for r in first]
 
 
 def _short(applied: list[dict[str, Any]]) -> str:

@@ -44,18 +44,20 @@ class OpSpec(BaseModel):
         return self.model_dump(exclude={"op", "probability"})
 
 
+def _ordered(spec: OpSpec, low: str, high: str) -> OpSpec:
+    lo, hi = getattr(spec, low), getattr(spec, high)
+    if lo > hi:
+        raise ValueError(f"{low} must be <= {high}. Received: {low}={lo}, {high}={hi}")
+    return spec
+
+
 class _MinMax(OpSpec):
     min_factor: float = Field(gt=0)
     max_factor: float = Field(gt=0)
 
     @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_factor > self.max_factor:
-            raise ValueError(
-                f"min_factor must be <= max_factor. Received: min_factor={self.min_factor}, "
-                f"max_factor={self.max_factor}"
-            )
-        return self
+    def _check(self):
+        return _ordered(self, "min_factor", "max_factor")
 
 
 class Rotate(OpSpec):
@@ -207,13 +209,8 @@ class GaussianNoise(OpSpec):
     max_sigma: float = Field(default=20.0, ge=0.0)
 
     @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_sigma > self.max_sigma:
-            raise ValueError(
-                f"min_sigma must be <= max_sigma. Received: min_sigma={self.min_sigma}, "
-                f"max_sigma={self.max_sigma}"
-            )
-        return self
+    def _check(self):
+        return _ordered(self, "min_sigma", "max_sigma")
 
 
 class GaussianBlur(OpSpec):
@@ -224,13 +221,8 @@ class GaussianBlur(OpSpec):
     max_radius: float = Field(default=1.5, ge=0.0)
 
     @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_radius > self.max_radius:
-            raise ValueError(
-                f"min_radius must be <= max_radius. Received: min_radius={self.min_radius}, "
-                f"max_radius={self.max_radius}"
-            )
-        return self
+    def _check(self):
+        return _ordered(self, "min_radius", "max_radius")
 
 
 OPERATION_MODELS: tuple[type[OpSpec], ...] = (

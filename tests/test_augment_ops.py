@@ -6,11 +6,11 @@ import random
 
 import numpy as np
 import pytest
+from conftest import TEST_CONF
 from PIL import Image
 
 from pipelines.augment_ops import OPERATION_NAMES, Augmenter, parse_operations
 from pipelines.config import ConfigError, load_config
-from conftest import TEST_CONF
 
 #: Parameters for operations that have required ones; the rest run with defaults.
 PARAMS = {
