@@ -153,7 +153,7 @@ def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, li
     if cfg.limit:
         chosen = sorted(chosen, key=lambda r: r.source_id)[: cfg.limit]
     if chosen and len(chosen) < len(listed):  # read only the chosen files
-        files = _png_files(spark.read.format("binaryFile").load(*[r.origin for r in chosen]))
+        files = _png_files(spark.read.format("binaryFile").load([r.origin for r in chosen]))
     return files.where(F.col("in_layout")).drop("in_layout"), bad
 
 
@@ -296,7 +296,7 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
     if cfg.sheet_rows == 0:
         return 0
     augmenter = Augmenter([op.model_dump() for op in cfg.operations], cfg.seed)
-    candidates = _sheet_sources(storage, sources, cfg)
+    candidates = _sheet_sources(sources, cfg)
     images, captions, labels = [], [], []
     columns = cfg.sheet_samples + 1
     for row in candidates:
@@ -321,7 +321,7 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
     return len(labels)
 
 
-def _sheet_sources(storage: Storage, sources: DataFrame, cfg: AugmentConfig) -> list[dict]:
+def _sheet_sources(sources: DataFrame, cfg: AugmentConfig) -> list[dict]:
     """The first source rows in id order (twice the sheet rows, some may be bad), read cheaply:
     PNG files are listed by path and read on the driver, not scanned again."""
     first = (sources.select("source_id", "split", "label", "origin").orderBy("source_id")
@@ -330,7 +330,14 @@ def _sheet_sources(storage: Storage, sources: DataFrame, cfg: AugmentConfig) -> 
         ids = [r.source_id for r in first]
         chosen = sources.where(F.col("source_id").isin(ids)).orderBy("source_id").collect()
         return [r.asDict(recursive=True) for r in chosen]
-    return [{**r.asDict(), "content": storage.read_bytes(r.origin), "image": None} for r in first]
+    # fsspec, not Storage.read_bytes: that returns zeros (py4j copies the Java array before
+    # readFully fills it).
+    return [{**r.asDict(), "content": _read(r.origin), "image": None} for r in first]
+
+
+def _read(uri: str) -> bytes:
+    fs, path = open_fs(uri)
+    return fs.cat_file(path)
 
 
 def _short(applied: list[dict[str, Any]]) -> str:
