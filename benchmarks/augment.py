@@ -18,6 +18,8 @@ with PNG + Parquet output (what ``make run`` writes).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import shutil
 import statistics
@@ -66,7 +68,8 @@ def time_augmentor(source: Path, n: int) -> float:
     pipeline = Augmentor.Pipeline(str(source), output_directory=str(out))
     pipeline.rotate(probability=0.9, max_left_rotation=25, max_right_rotation=25)
     started = time.perf_counter()
-    pipeline.sample(n)
+    with contextlib.redirect_stderr(io.StringIO()):  # tqdm's progress bar, per image
+        pipeline.sample(n)
     seconds = time.perf_counter() - started
     written = sum(1 for _ in out.iterdir())
     if written != n:
@@ -107,7 +110,8 @@ def main(argv=None) -> int:
         print(f"setup: {n_all} PNG files written in {time.perf_counter() - started:.1f} s; "
               f"Augmentor source: {n_sub} of them", flush=True)
 
-        results: dict[str, list[float]] = {"augmentor": [], "spark_png": [], "spark_png_parquet": []}
+        results: dict[str, list[float]] = {k: [] for k in ("augmentor", "spark_png",
+                                                           "spark_png_parquet")}
         png_only = config.model_copy(update={"augment": config.augment.model_copy(
             update={"formats": ["png"]})})
         for repeat in range(args.repeats):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -119,9 +120,25 @@ def run_augment(spark: SparkSession, config: Config) -> dict[str, Any]:
     return summary
 
 
+SOURCE_SCHEMA = StructType(
+    [
+        StructField("source_id", StringType(), False),
+        StructField("split", StringType(), False),
+        StructField("label", IntegerType(), False),
+        StructField("origin", StringType(), True),
+        StructField("path", StringType(), True),  # PNG input: the file, read by the executor
+        StructField("image", IMAGE_STRUCT, True),  # Parquet input: the image
+    ]
+)
+_LAYOUT = re.compile(r"(?:^|/)split=([^/]+)/label=(-?\d+)/([^/]+?)(?:\.[^./]*)?$")
+
+
 def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, list[dict]]:
-    """The source images (``source_id``, ``split``, ``label``, ``origin``, and PNG bytes in
-    ``content`` or an image struct in ``image``), filtered and limited as configured.
+    """The source images as :data:`SOURCE_SCHEMA` rows, filtered and limited as configured.
+
+    PNG input is listed on the driver (one listing, through fsspec) and each file is read by the
+    executor that augments it: Spark's ``binaryFile`` source plans a task per ~32 small files
+    (2,188 tasks for MNIST) and silently drops zero-byte files, which must be counted as bad.
 
     Returns the frame and the input files rejected while listing (empty, outside the layout).
     """
@@ -129,7 +146,7 @@ def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, li
         images = read_images(spark, cfg.input)
         df = images.select(
             F.col("id").alias("source_id"), "split", F.col("label").cast("int").alias("label"),
-            F.col("image.origin").alias("origin"), F.lit(None).cast("binary").alias("content"),
+            F.col("image.origin").alias("origin"), F.lit(None).cast("string").alias("path"),
             "image",
         )
         if cfg.splits:
@@ -139,38 +156,25 @@ def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, li
                       df.select("source_id").orderBy("source_id").limit(cfg.limit).collect()]
             df = df.where(F.col("source_id").isin(chosen))
         return df, []
-    files = _png_files(spark.read.format("binaryFile").option("recursiveFileLookup", True)
-                       .load(cfg.input))
-    # One listing pass over paths only (no file is read). Spark plans no read of empty files,
-    # so they are the indexed files the scan does not return.
-    listed = files.select("origin", "source_id", "split", "in_layout").collect()
-    seen = {r.origin for r in listed}
-    bad = [{"path": r.origin, "reason": "outside the split=<s>/label=<int>/ layout"}
-           for r in listed if not r.in_layout]
-    bad += [{"path": p, "reason": "empty file (0 bytes)"}
-            for p in sorted(_spark_path(p) for p in files.inputFiles()) if p not in seen]
-    chosen = [r for r in listed if r.in_layout and (not cfg.splits or r.split in cfg.splits)]
+    fs, root = open_fs(cfg.input)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"augment.input is not a folder. Received: {cfg.input!r}")
+    rows, bad = [], []
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        relative = path[len(root.rstrip("/")) + 1:]
+        if any(part.startswith((".", "_")) for part in relative.split("/")):
+            continue  # hidden or bookkeeping files (_SUCCESS, .crc), as Spark skips them
+        match = _LAYOUT.search(relative)
+        if match is None:
+            bad.append({"path": fs.unstrip_protocol(path),
+                        "reason": "outside the split=<s>/label=<int>/ layout"})
+        elif not info.get("size"):
+            bad.append({"path": fs.unstrip_protocol(path), "reason": "empty file (0 bytes)"})
+        elif not cfg.splits or match[1] in cfg.splits:
+            rows.append((match[3], match[1], int(match[2]), fs.unstrip_protocol(path), path, None))
     if cfg.limit:
-        chosen = sorted(chosen, key=lambda r: r.source_id)[: cfg.limit]
-    if chosen and len(chosen) < len(listed):  # read only the chosen files
-        files = _png_files(spark.read.format("binaryFile").load([r.origin for r in chosen]))
-    return files.where(F.col("in_layout")).drop("in_layout"), bad
-
-
-def _png_files(files: DataFrame) -> DataFrame:
-    path = F.col("path")
-    return files.select(
-        F.regexp_extract(path, r"/([^/]+?)(\.[^./]*)?$", 1).alias("source_id"),
-        F.regexp_extract(path, r"/split=([^/]+)/label=", 1).alias("split"),
-        F.regexp_extract(path, r"/label=(-?\d+)/[^/]+$", 1).cast("int").alias("label"),
-        path.alias("origin"), "content", F.lit(None).cast(IMAGE_STRUCT).alias("image"),
-        path.rlike(r"/split=[^/]+/label=-?\d+/[^/]+$").alias("in_layout"),
-    )
-
-
-def _spark_path(path: str) -> str:
-    """``file:///x`` (file index) -> ``file:/x`` (the ``path`` column)."""
-    return "file:/" + path[len("file:///"):] if path.startswith("file:///") else path
+        rows = sorted(rows)[: cfg.limit]
+    return spark.createDataFrame(rows, SOURCE_SCHEMA), bad
 
 
 def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str) -> dict[str, Any]:
@@ -184,7 +188,7 @@ def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str)
         samples=cfg.samples_per_image, keep_originals=cfg.keep_originals,
         png_root=f"{root}/png" if "png" in cfg.formats else None, origin_root=f"{final}/png",
         rows="parquet" in cfg.formats, compress_level=cfg.png_compress_level,
-        stats_root=f"{root}/{_STATS_DIR}",
+        input_uri=cfg.input, stats_root=f"{root}/{_STATS_DIR}",
     )
     out = ordered.mapInArrow(run, AUGMENTED_SCHEMA)
     if "parquet" in cfg.formats:
@@ -195,12 +199,13 @@ def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str)
 
 
 def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin_root, rows,
-                  compress_level, stats_root):
+                  compress_level, input_uri, stats_root):
     """The function run on each partition; captures plain values only."""
     arrow_schema = to_arrow_schema(AUGMENTED_SCHEMA)
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         augmenter = Augmenter(operations, seed)
+        in_fs = open_fs(input_uri)[0]
         fs, png_path = open_fs(png_root) if png_root else (None, None)
         made_dirs: set[str] = set()
         stats = {"sources": 0, "samples": 0, "originals": 0, "bad": []}
@@ -208,8 +213,8 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
             out: list[dict[str, Any]] = []
             for row in batch.to_pylist():
                 try:
-                    image = _to_pil(row)
-                except ValueError as exc:
+                    image = _to_pil(row, in_fs)
+                except (ValueError, OSError) as exc:
                     stats["bad"].append({"path": row["origin"], "reason": str(exc)})
                     continue
                 stats["sources"] += 1
@@ -262,12 +267,12 @@ def _collect_stats(root: str) -> dict[str, Any]:
     return total
 
 
-def _to_pil(row: dict[str, Any]):
+def _to_pil(row: dict[str, Any], fs: Any):
     """A source row -> PIL image in mode L, RGB or RGBA (ValueError when undecodable)."""
     from PIL import Image
 
-    if row["content"] is not None:
-        array = decode_image(row["content"], row["origin"])
+    if row["path"] is not None:
+        array = decode_image(fs.cat_file(row["path"]), row["origin"])
     elif row["image"] is not None:
         array = to_rgb(struct_to_array(row["image"]))
     else:
@@ -297,14 +302,15 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
         return 0
     augmenter = Augmenter([op.model_dump() for op in cfg.operations], cfg.seed)
     candidates = _sheet_sources(sources, cfg)
+    in_fs = open_fs(cfg.input)[0]
     images, captions, labels = [], [], []
     columns = cfg.sheet_samples + 1
     for row in candidates:
         if len(labels) == cfg.sheet_rows:
             break
         try:
-            original = _to_pil(row)
-        except ValueError:
+            original = _to_pil(row, in_fs)
+        except (ValueError, OSError):
             continue
         labels.append(f"{row['split']}\n{row['label']}")
         images.append(_as_array(original))
@@ -322,22 +328,9 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
 
 
 def _sheet_sources(sources: DataFrame, cfg: AugmentConfig) -> list[dict]:
-    """The first source rows in id order (twice the sheet rows, some may be bad), read cheaply:
-    PNG files are listed by path and read on the driver, not scanned again."""
-    first = (sources.select("source_id", "split", "label", "origin").orderBy("source_id")
-             .limit(cfg.sheet_rows * 2).collect())
-    if cfg.input_format == "parquet":
-        ids = [r.source_id for r in first]
-        chosen = sources.where(F.col("source_id").isin(ids)).orderBy("source_id").collect()
-        return [r.asDict(recursive=True) for r in chosen]
-    # fsspec, not Storage.read_bytes: that returns zeros (py4j copies the Java array before
-    # readFully fills it).
-    return [{**r.asDict(), "content": _read(r.origin), "image": None} for r in first]
-
-
-def _read(uri: str) -> bytes:
-    fs, path = open_fs(uri)
-    return fs.cat_file(path)
+    """The first source rows in id order (twice the sheet rows: some may be bad)."""
+    first = sources.orderBy("source_id").limit(cfg.sheet_rows * 2).collect()
+    return [r.asDict(recursive=True) for r in first]
 
 
 def _short(applied: list[dict[str, Any]]) -> str:
