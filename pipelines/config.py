@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from pipelines.augment_ops import SEED_OPERATIONS, Operation
+
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and the value received."""
@@ -114,6 +116,43 @@ class VisualizeConfig(Section):
     splits: list[str] = Field(default_factory=lambda: ["train", "validation", "test"])
     #: Label names to print under images; default the label number.
     class_names: list[str] | None = None
+
+
+class AugmentConfig(Section):
+    """The augment job: PNG partitions (or image Parquet) to augmented PNG partitions + Parquet."""
+
+    #: A folder in the export layout ``split=<s>/label=<l>/<id>.png`` or image Parquet.
+    input: str = "{output_root}/png"
+    input_format: Literal["png", "parquet"] = "png"
+    #: Receives ``png/``, ``parquet/``, ``sheet.png`` and ``report.json``; replaced atomically.
+    output: str = "{output_root}/augmented"
+    #: Ordered operations, each ``{op: <name>, probability: <0-1>, <parameters>}``
+    #: (see docs/augment.md). Default: the seed notebook's rotate(0.9, 25, 25).
+    operations: list[Operation] = Field(default_factory=lambda: list(SEED_OPERATIONS))
+    #: Augmented samples per source image (the seed notebook: 2 passes of 10).
+    samples_per_image: int = Field(default=20, ge=1, le=10000)
+    #: Also write each source image unchanged (``<id>-original.png``, sample null).
+    keep_originals: bool = False
+    #: With the source id and sample index, decides every random choice.
+    seed: int = 0
+    #: Only these splits (default all).
+    splits: list[str] | None = None
+    #: Only the first ``limit`` source images in id order (default all).
+    limit: int | None = Field(default=None, ge=1)
+    #: Which outputs to write.
+    formats: list[Literal["png", "parquet"]] = Field(
+        default_factory=lambda: ["png", "parquet"], min_length=1
+    )
+    #: Spark tasks the augmentation runs in.
+    partitions: int = Field(default=8, ge=1)
+    #: The job fails (publishing nothing) when more than this share of input files is bad.
+    max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    #: zlib level of the written PNG files (0 fastest, 9 smallest; all lossless).
+    png_compress_level: int = Field(default=6, ge=0, le=9)
+    #: Source images on the contact sheet (one row each: original, then its samples).
+    sheet_rows: int = Field(default=8, ge=0, le=100)
+    #: Augmented samples shown per row of the contact sheet.
+    sheet_samples: int = Field(default=9, ge=1, le=50)
 
 
 class ArchitectureSpec(Section):
@@ -300,6 +339,7 @@ class Config(Section):
     mnist: MnistConfig = Field(default_factory=MnistConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

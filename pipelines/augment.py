@@ -1,0 +1,344 @@
+"""Augment: PNG partitions (or image Parquet) -> augmented PNG partitions and image Parquet.
+
+Output under ``augment.output`` (staged, then published atomically; a rerun replaces it whole):
+
+- ``png/split=<s>/label=<l>/<source_id>-<k>.png``: written by the executors, each file through a
+  temporary sibling renamed into place (``<source_id>-original.png`` with ``keep_originals``);
+- ``parquet/split=<s>/``: image Parquet (``id``, ``split``, ``label``, ``image``) plus provenance:
+  ``source_id``, ``sample`` (null for originals) and ``operations`` (JSON list of the operations
+  applied, each with its parameters, seed and drawn values);
+- ``sheet.png``: originals beside their augmented variants;
+- ``report.json``: counts, and every input file skipped as bad (corrupt, empty, not an image,
+  outside the ``split=<s>/label=<int>/`` layout) with the reason.
+
+Every random choice comes from (``seed``, source id, sample index) (see
+:mod:`pipelines.augment_ops`), so outputs are identical whatever the partitioning.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark import TaskContext
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import to_arrow_schema
+from pyspark.sql.types import IntegerType, StringType, StructField, StructType
+
+from pipelines.augment_ops import Augmenter, operations_json
+from pipelines.config import AugmentConfig, Config
+from pipelines.contact_sheet import render_sheet
+from pipelines.faults import maybe_fail
+from pipelines.images import (
+    IMAGE_STRUCT,
+    array_to_struct,
+    decode_image,
+    from_rgb,
+    struct_to_array,
+    to_rgb,
+)
+from pipelines.ingest import read_images
+from pipelines.storage import Storage
+from pipelines.task_files import open_fs, remove_temp_files, write_atomic
+
+logger = logging.getLogger(__name__)
+
+AUGMENTED_SCHEMA = StructType(
+    [
+        StructField("id", StringType(), False),
+        StructField("split", StringType(), False),
+        StructField("label", IntegerType(), False),
+        StructField("image", IMAGE_STRUCT, False),
+        StructField("source_id", StringType(), False),
+        StructField("sample", IntegerType(), True),
+        StructField("operations", StringType(), False),
+    ]
+)
+_STATS_DIR = "_stats"
+_REPORT_BAD_LIMIT = 1000
+
+
+def run_augment(spark: SparkSession, config: Config) -> dict[str, Any]:
+    """The augment job: augment every source image ``samples_per_image`` times and publish."""
+    cfg = config.augment
+    storage = Storage(spark)
+    started = time.perf_counter()
+    sources, bad_paths = source_frame(spark, cfg)
+    with storage.staged_dir(cfg.output) as tmp:
+        root = storage.qualify(tmp)
+        stats = augment_frame(sources, cfg, root, final=storage.qualify(cfg.output))
+        bad = bad_paths + stats["bad"]
+        total = stats["sources"] + len(bad)
+        fraction = len(bad) / total if total else 0.0
+        if total == 0:
+            raise ValueError(f"no input files found. Received: augment.input={cfg.input!r}")
+        if fraction > cfg.max_bad_fraction:
+            shown = ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+            raise ValueError(
+                f"{len(bad)} of {total} input files are bad ({fraction:.2%}), more than "
+                f"augment.max_bad_fraction={cfg.max_bad_fraction}; nothing was published. "
+                f"Received: augment.input={cfg.input!r}; first bad files: {shown}"
+            )
+        if "png" in cfg.formats:
+            fs, png_root = open_fs(f"{root}/png")
+            removed = remove_temp_files(fs, png_root)
+            if removed:
+                logger.info("removed %s temporary files of killed task attempts", removed)
+        sheet_path = f"{tmp}/sheet.png"
+        shown_rows = write_contact_sheet(storage, sources, cfg, sheet_path)
+        summary = {
+            "input": cfg.input,
+            "input_format": cfg.input_format,
+            "output": cfg.output,
+            "sources": stats["sources"],
+            "samples_written": stats["samples"],
+            "originals_written": stats["originals"],
+            "bad_files": len(bad),
+            "bad_fraction": round(fraction, 6),
+            "max_bad_fraction": cfg.max_bad_fraction,
+            "formats": list(cfg.formats),
+            "seed": cfg.seed,
+            "samples_per_image": cfg.samples_per_image,
+            "operations": [op.model_dump() for op in cfg.operations],
+            "sheet_rows": shown_rows,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        report = {**summary, "bad": sorted(bad, key=lambda b: b["path"])[:_REPORT_BAD_LIMIT]}
+        if len(bad) > _REPORT_BAD_LIMIT:
+            report["bad_truncated"] = True
+        storage.write_text(f"{tmp}/report.json", json.dumps(report, indent=2) + "\n")
+    logger.info("augment wrote %s samples of %s sources (%s bad files) to %s",
+                summary["samples_written"], summary["sources"], len(bad), cfg.output)
+    return summary
+
+
+SOURCE_SCHEMA = StructType(
+    [
+        StructField("source_id", StringType(), False),
+        StructField("split", StringType(), False),
+        StructField("label", IntegerType(), False),
+        StructField("origin", StringType(), True),
+        StructField("path", StringType(), True),  # PNG input: the file, read by the executor
+        StructField("image", IMAGE_STRUCT, True),  # Parquet input: the image
+    ]
+)
+_LAYOUT = re.compile(r"(?:^|/)split=([^/]+)/label=(-?\d+)/([^/]+?)(?:\.[^./]*)?$")
+
+
+def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, list[dict]]:
+    """The source images as :data:`SOURCE_SCHEMA` rows, filtered and limited as configured.
+
+    PNG input is listed on the driver (one listing, through fsspec) and each file is read by the
+    executor that augments it: Spark's ``binaryFile`` source plans a task per ~32 small files
+    (2,188 tasks for MNIST) and silently drops zero-byte files, which must be counted as bad.
+
+    Returns the frame and the input files rejected while listing (empty, outside the layout).
+    """
+    if cfg.input_format == "parquet":
+        images = read_images(spark, cfg.input)
+        df = images.select(
+            F.col("id").alias("source_id"), "split", F.col("label").cast("int").alias("label"),
+            F.col("image.origin").alias("origin"), F.lit(None).cast("string").alias("path"),
+            "image",
+        )
+        if cfg.splits:
+            df = df.where(F.col("split").isin(list(cfg.splits)))
+        if cfg.limit:
+            chosen = [r.source_id for r in
+                      df.select("source_id").orderBy("source_id").limit(cfg.limit).collect()]
+            df = df.where(F.col("source_id").isin(chosen))
+        return df, []
+    fs, root = open_fs(cfg.input)
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"augment.input is not a folder. Received: {cfg.input!r}")
+    rows, bad = [], []
+    for path, info in sorted(fs.find(root, detail=True).items()):
+        relative = path[len(root.rstrip("/")) + 1:]
+        if any(part.startswith((".", "_")) for part in relative.split("/")):
+            continue  # hidden or bookkeeping files (_SUCCESS, .crc), as Spark skips them
+        match = _LAYOUT.search(relative)
+        if match is None:
+            bad.append({"path": fs.unstrip_protocol(path),
+                        "reason": "outside the split=<s>/label=<int>/ layout"})
+        elif not info.get("size"):
+            bad.append({"path": fs.unstrip_protocol(path), "reason": "empty file (0 bytes)"})
+        elif not cfg.splits or match[1] in cfg.splits:
+            rows.append((match[3], match[1], int(match[2]), fs.unstrip_protocol(path), path, None))
+    if cfg.limit:
+        rows = sorted(rows)[: cfg.limit]
+    return spark.createDataFrame(rows, SOURCE_SCHEMA), bad
+
+
+def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str) -> dict[str, Any]:
+    """Run the augmentation (PNG files and/or Parquet under ``root``); returns the task stats.
+
+    ``final`` is where ``root`` will be published: image origins name the published PNG files.
+    """
+    ordered = sources.repartition(cfg.partitions, "source_id").sortWithinPartitions("source_id")
+    run = _partition_fn(
+        operations=[op.model_dump() for op in cfg.operations], seed=cfg.seed,
+        samples=cfg.samples_per_image, keep_originals=cfg.keep_originals,
+        png_root=f"{root}/png" if "png" in cfg.formats else None, origin_root=f"{final}/png",
+        rows="parquet" in cfg.formats, compress_level=cfg.png_compress_level,
+        input_uri=cfg.input, stats_root=f"{root}/{_STATS_DIR}",
+    )
+    out = ordered.mapInArrow(run, AUGMENTED_SCHEMA)
+    if "parquet" in cfg.formats:
+        out.write.mode("error").partitionBy("split").parquet(f"{root}/parquet")
+    else:
+        out.write.format("noop").mode("overwrite").save()
+    return _collect_stats(root)
+
+
+def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin_root, rows,
+                  compress_level, input_uri, stats_root):
+    """The function run on each partition; captures plain values only."""
+    arrow_schema = to_arrow_schema(AUGMENTED_SCHEMA)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        augmenter = Augmenter(operations, seed)
+        in_fs = open_fs(input_uri)[0]
+        fs, png_path = open_fs(png_root) if png_root else (None, None)
+        made_dirs: set[str] = set()
+        stats = {"sources": 0, "samples": 0, "originals": 0, "bad": []}
+        for batch in batches:
+            out: list[dict[str, Any]] = []
+            for row in batch.to_pylist():
+                try:
+                    image = _to_pil(row, in_fs)
+                except (ValueError, OSError) as exc:
+                    stats["bad"].append({"path": row["origin"], "reason": str(exc)})
+                    continue
+                stats["sources"] += 1
+                part_dir = f"split={row['split']}/label={row['label']}"
+                folder = f"{png_path}/{part_dir}"
+                if fs is not None and folder not in made_dirs:
+                    fs.makedirs(folder, exist_ok=True)
+                    made_dirs.add(folder)
+                outputs = [(None, image, [])] if keep_originals else []
+                outputs += ((k, *augmenter.augment(image, row["source_id"], k))
+                            for k in range(samples))
+                for k, result, applied in outputs:
+                    maybe_fail("augment.write")
+                    name = f"{row['source_id']}-{'original' if k is None else k}"
+                    origin = ""
+                    if fs is not None:
+                        write_atomic(fs, f"{folder}/{name}.png", _png_bytes(result, compress_level))
+                        origin = f"{origin_root}/{part_dir}/{name}.png"
+                    stats["originals" if k is None else "samples"] += 1
+                    if rows:
+                        out.append({
+                            "id": name, "split": row["split"], "label": row["label"],
+                            "image": array_to_struct(from_rgb(_as_array(result)), origin),
+                            "source_id": row["source_id"], "sample": k,
+                            "operations": operations_json(applied),
+                        })
+            if out:
+                yield pa.RecordBatch.from_pylist(out, schema=arrow_schema)
+        part = TaskContext.get().partitionId()
+        stats_fs, stats_path = open_fs(stats_root)
+        stats_fs.makedirs(stats_path, exist_ok=True)
+        write_atomic(stats_fs, f"{stats_path}/part-{part:05d}.json", json.dumps(stats).encode())
+
+    return run
+
+
+def _collect_stats(root: str) -> dict[str, Any]:
+    fs, path = open_fs(f"{root}/{_STATS_DIR}")
+    total: dict[str, Any] = {"sources": 0, "samples": 0, "originals": 0, "bad": []}
+    for name in sorted(fs.ls(path, detail=False)) if fs.exists(path) else []:
+        if not name.endswith(".json"):
+            continue
+        with fs.open(name, "rb") as f:
+            part = json.load(f)
+        for key in ("sources", "samples", "originals"):
+            total[key] += part[key]
+        total["bad"] += part["bad"]
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    return total
+
+
+def _to_pil(row: dict[str, Any], fs: Any):
+    """A source row -> PIL image in mode L, RGB or RGBA (ValueError when undecodable)."""
+    from PIL import Image
+
+    if row["path"] is not None:
+        array = decode_image(fs.cat_file(row["path"]), row["origin"])
+    elif row["image"] is not None:
+        array = to_rgb(struct_to_array(row["image"]))
+    else:
+        raise ValueError(f"row has no image (origin={row['origin']!r})")
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def _as_array(image) -> np.ndarray:
+    array = np.asarray(image, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _png_bytes(image, compress_level: int) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig,
+                        path: str) -> int:
+    """Originals beside their first ``sheet_samples`` variants, one row per source image.
+
+    The variants are recomputed on the driver: outputs depend on (seed, source id, sample)
+    only, so they are the very images the executors wrote. Returns the number of rows drawn.
+    """
+    if cfg.sheet_rows == 0:
+        return 0
+    augmenter = Augmenter([op.model_dump() for op in cfg.operations], cfg.seed)
+    candidates = _sheet_sources(sources, cfg)
+    in_fs = open_fs(cfg.input)[0]
+    images, captions, labels = [], [], []
+    columns = cfg.sheet_samples + 1
+    for row in candidates:
+        if len(labels) == cfg.sheet_rows:
+            break
+        try:
+            original = _to_pil(row, in_fs)
+        except (ValueError, OSError):
+            continue
+        labels.append(f"{row['split']}\n{row['label']}")
+        images.append(_as_array(original))
+        captions.append(f"{row['source_id']}\noriginal")
+        for k in range(cfg.sheet_samples):
+            result, applied = augmenter.augment(original, row["source_id"], k)
+            images.append(_as_array(result))
+            captions.append(f"#{k}\n{_short(applied)}")
+    if not labels:
+        return 0
+    png = render_sheet(images, captions, columns=columns, row_labels=labels,
+                       title=f"augment: originals and samples (seed {cfg.seed})")
+    storage.write_bytes(path, png)
+    return len(labels)
+
+
+def _sheet_sources(sources: DataFrame, cfg: AugmentConfig) -> list[dict]:
+    """The first source rows in id order (twice the sheet rows: some may be bad)."""
+    first = sources.orderBy("source_id").limit(cfg.sheet_rows * 2).collect()
+    return [r.asDict(recursive=True) for r in first]
+
+
+def _short(applied: list[dict[str, Any]]) -> str:
+    if not applied:
+        return "unchanged"
+    parts = []
+    for op in applied:
+        value = next((f"{op[k]}" for k in ("angle", "factor", "dx", "sigma", "radius") if k in op),
+                     "")
+        parts.append(f"{op['op']} {value}".strip())
+    return ", ".join(parts)[:28]
