@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(PY) jobs/ingest_mnist.py --config $(CONFIG)
 	$(PY) jobs/visualize.py --config $(CONFIG)
+	$(PY) jobs/transfer.py --config $(CONFIG)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -28,6 +29,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/ingest_mnist.py
+	$(PY) benchmarks/featurizer.py --input out/images
 
 clean:
 	rm -rf out out-test spark-warehouse .pytest_cache
