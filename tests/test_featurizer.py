@@ -28,8 +28,19 @@ TOL = 1e-4
 
 @pytest.fixture(scope="session")
 def mobilenet(tmp_path_factory):
-    """A MobileNetV2 (32x32, random init) and its weights saved as a file."""
+    """A MobileNetV2 (32x32) with seeded He-scaled random kernels, and its weights as a file.
+
+    Keras' default random init makes MobileNetV2's pooled features ~1e-13 (activations vanish
+    through 50 layers), which would make any comparison pass; He-scaled kernels keep them O(1).
+    """
     model = build_model("MobileNetV2", SIZE, "none")
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        if "kernel" not in weight.path:
+            continue
+        shape = tuple(weight.shape)
+        fan_in = shape[0] * shape[1] if "depthwise" in weight.path else int(np.prod(shape[:-1]))
+        weight.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
     path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
     model.save_weights(str(path))
     return model, str(path)
@@ -60,20 +71,24 @@ def vectors(rows, col: str) -> np.ndarray:
     return np.stack([r[col].toArray() for r in rows])
 
 
-def test_featurizer_on_gray_structs_and_png_bytes_matches_bare_keras(spark, digits_df, mobilenet):
+def test_featurizer_on_gray_structs_and_png_bytes_matches_bare_keras(
+    spark, tmp_path, digits_df, mobilenet
+):
     df, images = digits_df
     model, weights = mobilenet
     common = dict(modelName="MobileNetV2", inputSize=SIZE, weights=weights, batchSize=4)
     from_structs = DeepImageFeaturizer(inputCol="image", outputCol="f_struct", **common)
-    from_bytes = DeepImageFeaturizer(inputCol="png", outputCol="f_png", **common)
+    # The bytes stage goes through save/load first: the loaded stage must behave the same.
+    DeepImageFeaturizer(inputCol="png", outputCol="f_png", **common).save(str(tmp_path / "f"))
+    from_bytes = DeepImageFeaturizer.load(str(tmp_path / "f"))
     rows = from_bytes.transform(from_structs.transform(df)).orderBy("id").collect()
 
     gray_as_rgb = [np.repeat(img[:, :, None], 3, axis=2) for img in images]
     expected = keras_features(model, "MobileNetV2", gray_as_rgb, SIZE)
+    assert np.abs(expected).mean() > 0.01  # real features, not vanished activations
     assert vectors(rows, "f_struct").shape == (6, MODELS["MobileNetV2"].feature_dim)
     assert np.abs(vectors(rows, "f_struct") - expected).max() <= TOL
     assert np.abs(vectors(rows, "f_png") - expected).max() <= TOL
-    assert np.abs(expected).max() > 0  # features are not all zero
 
 
 def test_featurizer_reads_bgr_structs_from_spark_image_source_as_rgb(spark, tmp_path, mobilenet):
@@ -115,9 +130,8 @@ def test_registry_feature_dim_and_minimum_size_match_keras(name):
         build_model(name, spec.min_size - 1, "none")
 
 
-def test_featurizer_save_load_keeps_params_and_output(spark, tmp_path, digits_df, mobilenet):
-    df, images = digits_df
-    model, weights = mobilenet
+def test_featurizer_save_load_keeps_uid_and_every_param(tmp_path, mobilenet):
+    _, weights = mobilenet
     featurizer = DeepImageFeaturizer(
         inputCol="png", outputCol="vec", modelName="MobileNetV2", inputSize=SIZE,
         weights=weights, scaleHint="bicubic", batchSize=3, threads=1, handleInvalid="skip",
@@ -125,14 +139,9 @@ def test_featurizer_save_load_keeps_params_and_output(spark, tmp_path, digits_df
     featurizer.save(str(tmp_path / "featurizer"))
     loaded = DeepImageFeaturizer.load(str(tmp_path / "featurizer"))
     assert loaded.uid == featurizer.uid
-    assert {p.name: v for p, v in loaded.extractParamMap().items()} == {
-        p.name: v for p, v in featurizer.extractParamMap().items()
-    }
-    rows = loaded.transform(df).orderBy("id").collect()
-    gray = [np.repeat(img[:, :, None], 3, axis=2) for img in images]
-    batch = np.stack([resize(a, SIZE, SIZE, "bicubic").astype(np.float32) for a in gray])
-    expected = model.predict(preprocess_fn("MobileNetV2")(batch), verbose=0)
-    assert np.abs(vectors(rows, "vec") - expected).max() <= TOL
+    params = {p.name: v for p, v in loaded.extractParamMap().items()}
+    assert params == {p.name: v for p, v in featurizer.extractParamMap().items()}
+    assert params["scaleHint"] == "bicubic" and params["threads"] == 1
 
 
 def test_pipeline_with_logistic_regression_predicts_the_same_after_reload(
@@ -230,30 +239,27 @@ def class_index(tmp_path_factory):
     return str(path)
 
 
-def test_predictor_returns_top_k_decoded_classes_and_probabilities(spark, digits_df, class_index):
-    df, images = digits_df
+def test_predictor_returns_top_k_decoded_classes_or_probabilities(
+    spark, tmp_path, digits_df, class_index
+):
+    df, _ = digits_df
     common = dict(modelName="MobileNetV2", inputSize=SIZE, weights="none", inputCol="image")
     top = DeepImagePredictor(outputCol="top", topK=3, classIndexPath=class_index, **common)
     full = DeepImagePredictor(outputCol="probs", decodePredictions=False, **common)
-    rows = full.transform(top.transform(df)).orderBy("id").collect()
+    no_index = DeepImagePredictor(outputCol="idx", topK=1,
+                                  classIndexPath=str(tmp_path / "missing.json"), **common)
+    rows = no_index.transform(full.transform(top.transform(df))).orderBy("id").collect()
+    assert len(rows) == 6
     for row in rows:
         probs = row.probs.toArray()
         assert probs.shape == (1000,) and abs(probs.sum() - 1) < 1e-3
         assert len(row.top) == 3
+        assert all(0 <= t.index < 1000 for t in row.top)
         assert [t.label for t in row.top] == [f"class_{t.index}" for t in row.top]
         assert [t.probability for t in row.top] == sorted(
             (t.probability for t in row.top), reverse=True
         )
-    # The two stages built their own random networks: compare each with itself only.
-    assert all(0 <= t.index < 1000 for r in rows for t in r.top)
-
-
-def test_predictor_without_class_index_labels_with_indices(spark, digits_df, tmp_path):
-    df, _ = digits_df
-    predictor = DeepImagePredictor(modelName="MobileNetV2", inputSize=SIZE, weights="none",
-                                   topK=1, classIndexPath=str(tmp_path / "missing.json"))
-    row = predictor.transform(df.limit(1)).first()
-    assert row.predictions[0].label == str(row.predictions[0].index)
+        assert row.idx[0].label == str(row.idx[0].index)  # no class index: labels are indices
 
 
 def test_predictor_rejects_non_native_size_with_imagenet_weights(spark, digits_df):

@@ -26,13 +26,14 @@ def load_job():
 
 @pytest.fixture(scope="module")
 def image_parquet(spark, tmp_path_factory):
-    """30 train + 12 test random digits (one train image null) as image Parquet."""
+    """30 train + 12 test random digits, plus one corrupt train image, as image Parquet."""
     path = str(tmp_path_factory.mktemp("transfer") / "images")
     train_x, train_y = make_digits(30, seed=11)
     test_x, test_y = make_digits(12, seed=12)
     rows = [(f"tr{i}", "train", int(train_y[i]), array_to_struct(train_x[i])) for i in range(30)]
     rows += [(f"te{i}", "test", int(test_y[i]), array_to_struct(test_x[i])) for i in range(12)]
-    rows.append(("tr-null", "train", 3, None))
+    corrupt = {**array_to_struct(train_x[0]), "data": b"truncated"}
+    rows.append(("tr-corrupt", "train", 3, corrupt))
     spark.createDataFrame(rows, IMAGE_ROW_SCHEMA).coalesce(1).write.partitionBy("split").parquet(
         path
     )
