@@ -9,7 +9,8 @@ Weights (``weights`` argument):
 
 * ``"imagenet"``: Keras' own ImageNet weights, read from the Keras cache (``~/.keras/models`` or
   ``$KERAS_HOME/models``) or downloaded into it on first use.
-* ``"none"``: a randomly initialised network (useful for tests and benchmarks only; features of a
+* ``"none"``: Keras' random initialisation, seeded with :data:`RANDOM_INIT_SEED` so every worker
+  and every reload builds the same network (useful for tests and benchmarks only; features of a
   random network are not a transfer-learning result).
 * a path to a local weights file (``.weights.h5``, or a legacy ``.h5`` as Keras publishes them).
   Cluster paths and URLs are made local by the caller first (see
@@ -64,6 +65,8 @@ KERAS_CACHE = os.path.join(
     os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras")), "models"
 )
 IMAGENET_CLASS_INDEX = os.path.join(KERAS_CACHE, "imagenet_class_index.json")
+#: Seed of the random initialisation (``weights="none"``): the same network in every process.
+RANDOM_INIT_SEED = 0
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -129,6 +132,9 @@ def build_model(
                 f"that cache on every worker, or pass its path or URL as weights. "
                 f"Received: weights='imagenet'"
             ) from exc
+    # Seeded, so every worker (and every reload of a saved pipeline) builds the same network:
+    # with weights="none" the random init *is* the model.
+    keras.utils.set_random_seed(RANDOM_INIT_SEED)
     model = constructor(weights=None, **kwargs)
     if weights == "none":
         return model

@@ -176,7 +176,10 @@ class DeepImagePredictor(
             make_predict_fn(run, include_top=True, top_k=top_k), return_type=TOP_K_TYPE,
             batch_size=run.batch_size, input_tensor_shapes=shapes,
         )
-        return df.withColumn(output_col, _decoded(top(F.col(tmp)), names)).drop(tmp)
+        # Spark cannot run a Python UDF inside a higher-order function: materialise it first.
+        tmp_top = f"__top_{self.uid}"
+        df = df.withColumn(tmp_top, top(F.col(tmp)))
+        return df.withColumn(output_col, _decoded(F.col(tmp_top), names)).drop(tmp, tmp_top)
 
 
 def _decoded(top: Column, names: list[str] | None) -> Column:
