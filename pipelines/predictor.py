@@ -3,7 +3,7 @@
 The successors of sparkdl's ``DeepImagePredictor`` and ``registerKerasImageUDF``:
 
 * :class:`DeepImagePredictor` runs a Keras application model *with* its classifier head and
-  returns, per image, the top-K classes as ``array<struct<index:int, label:string,
+  returns, per image, the top-K classes as ``array<struct<classIndex:int, label:string,
   probability:float>>`` (``decodePredictions=True``) or the full probability vector
   (``VectorUDT``). Labels come from the ImageNet class index JSON (Keras'
   ``imagenet_class_index.json``) when it is available locally, else they are the class indices.
@@ -87,7 +87,7 @@ class DeepImagePredictor(
         inputCol, outputCol, modelName, scaleHint, inputSize, weights, batchSize, threads,
         handleInvalid: as for :class:`pipelines.featurizer.DeepImageFeaturizer`. With
             ``weights="imagenet"`` the input size must be the model's native size.
-        decodePredictions: top-K ``(index, label, probability)`` structs instead of the full
+        decodePredictions: top-K ``(classIndex, label, probability)`` structs instead of the full
             1000-class probability vector.
         topK: how many classes per image when decoding (1..1000).
         classIndexPath: a Keras ``imagenet_class_index.json`` on the driver; default the Keras
@@ -96,7 +96,7 @@ class DeepImagePredictor(
 
     decodePredictions = Param(
         Params._dummy(), "decodePredictions",
-        "top-K (index, label, probability) structs instead of the probability vector",
+        "top-K (classIndex, label, probability) structs instead of the probability vector",
         typeConverter=TypeConverters.toBoolean,
     )
     topK = Param(Params._dummy(), "topK", "classes per image when decoding (1..1000)",
@@ -197,7 +197,7 @@ def _decoded(top: Column, names: list[str] | None) -> Column:
     return F.transform(
         top["indices"],
         lambda index, i: F.struct(
-            index.alias("index"),
+            index.alias("classIndex"),
             label_of(index).alias("label"),
             top["probabilities"][i].alias("probability"),
         ),

@@ -254,12 +254,12 @@ def test_predictor_returns_top_k_decoded_classes_or_probabilities(
         probs = row.probs.toArray()
         assert probs.shape == (1000,) and abs(probs.sum() - 1) < 1e-3
         assert len(row.top) == 3
-        assert all(0 <= t.index < 1000 for t in row.top)
-        assert [t.label for t in row.top] == [f"class_{t.index}" for t in row.top]
+        assert all(0 <= t.classIndex < 1000 for t in row.top)
+        assert [t.label for t in row.top] == [f"class_{t.classIndex}" for t in row.top]
         assert [t.probability for t in row.top] == sorted(
             (t.probability for t in row.top), reverse=True
         )
-        assert row.idx[0].label == str(row.idx[0].index)  # no class index: labels are indices
+        assert row.idx[0].label == str(row.idx[0].classIndex)  # no class index: labels are indices
 
 
 def test_predictor_rejects_non_native_size_with_imagenet_weights(spark, digits_df):
