@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/ingest_mnist.py
 	$(PY) benchmarks/export_png.py
 	$(PY) benchmarks/augment.py
+	$(PY) benchmarks/featurizer.py
 	$(PY) benchmarks/cnn.py --images out/images
 
 # For clusters: the wheel, and a packed virtualenv holding it and every dependency, for

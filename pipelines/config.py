@@ -24,11 +24,14 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from pipelines.augment_ops import SEED_OPERATIONS, Operation
+from pipelines.keras_models import MODELS
+from pipelines.tensors import RESIZE_METHODS
 
 
 class ConfigError(ValueError):
@@ -153,6 +156,78 @@ class AugmentConfig(Section):
     sheet_rows: int = Field(default=8, ge=0, le=100)
     #: Augmented samples shown per row of the contact sheet.
     sheet_samples: int = Field(default=9, ge=1, le=50)
+
+
+class TransferConfig(Section):
+    """The transfer job: DeepImageFeaturizer + LogisticRegression on image Parquet.
+
+    Featurizing dominates the cost: InceptionV3 at its native 299x299 runs ~12-15 images/s on a
+    2-core machine, ~200/s at 75x75. Use ``train_size``/``test_size`` and ``input_size`` to fit
+    the time you have.
+    """
+
+    input: str = "{output_root}/images"
+    #: Holds ``model/`` (the PipelineModel), ``metrics.json``, ``confusion_matrix.png`` and
+    #: ``features/`` (the feature cache).
+    output: str = "{output_root}/transfer"
+    model_name: str = "InceptionV3"
+    #: Input height = width; 0 = the model's native size (299 InceptionV3/Xception, 224 others).
+    input_size: int = Field(default=0, ge=0)
+    #: ``imagenet`` (Keras cache), ``none`` (random init: NOT a transfer-learning result), or a
+    #: Keras weights file (local path, hdfs://..., s3a://..., https://...).
+    weights: str = "imagenet"
+    scale_hint: str = "bilinear"
+    batch_size: int = Field(default=64, ge=1)
+    #: TensorFlow intra-op threads per Python worker; 0 = TensorFlow's default (all cores).
+    threads: int = Field(default=0, ge=0)
+    #: Partitions featurized in parallel (each holds one model per Python worker).
+    partitions: int = Field(default=2, ge=1)
+    #: Rows per Arrow batch for the featurizer's UDFs (bounds worker memory: one 299x299 tensor
+    #: is ~1 MB).
+    arrow_max_records: int = Field(default=256, ge=1)
+    #: ``skip`` drops null/undecodable images (counted in the metrics); ``error`` fails the job.
+    handle_invalid: Literal["skip", "error"] = "skip"
+    train_split: str = "train"
+    test_split: str = "test"
+    #: Images taken from each split (a seeded hash order); null = the whole split.
+    train_size: int | None = Field(default=None, ge=1)
+    test_size: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    max_iter: int = Field(default=100, ge=1)
+    reg_param: float = Field(default=0.0, ge=0)
+    elastic_net_param: float = Field(default=0.0, ge=0, le=1)
+    #: Keep the features as Parquet under ``output/features`` and reuse them when the model,
+    #: weights, size, resize method, input and subsets are unchanged.
+    feature_cache: bool = True
+    #: Test rows re-scored from raw images with the reloaded PipelineModel (0 = skip the check).
+    reload_check_rows: int = Field(default=100, ge=0)
+    #: Label names for the metrics and the plot; default the label number.
+    class_names: list[str] | None = None
+
+    @field_validator("model_name", "scale_hint")
+    @classmethod
+    def _one_of(cls, value: str, info: ValidationInfo) -> str:
+        allowed = sorted(MODELS) if info.field_name == "model_name" else list(RESIZE_METHODS)
+        if value not in allowed:
+            raise ValueError(f"must be one of {allowed}")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be 'imagenet', 'none' or a weights file path or URL")
+        return value
+
+    @model_validator(mode="after")
+    def _size_fits_model(self) -> TransferConfig:
+        spec = MODELS[self.model_name]
+        if self.input_size and self.input_size < spec.min_size:
+            raise ValueError(
+                f"input_size must be 0 (native {spec.native_size}) or >= {spec.min_size} for "
+                f"{spec.name}. Received: input_size={self.input_size}"
+            )
+        return self
 
 
 class ArchitectureSpec(Section):
@@ -340,6 +415,7 @@ class Config(Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     visualize: VisualizeConfig = Field(default_factory=VisualizeConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
     cnn: CnnConfig = Field(default_factory=CnnConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -125,11 +125,13 @@ def to_batch(
 
 def tensor_column(
     col: Column | str, kind: InputKind, height: int, width: int, channels: int,
-    method: str = "bilinear",
+    method: str = "bilinear", deterministic: bool = True,
 ) -> Column:
     """A column of flattened float32 tensors (length height*width*channels), null when invalid.
 
-    Runs as an Arrow-batched pandas UDF; the closure captures plain values only.
+    Runs as an Arrow-batched pandas UDF; the closure captures plain values only. With
+    ``deterministic=False`` the optimizer never copies the UDF into a filter or a later UDF
+    (Spark would otherwise decode every image twice when the caller filters on the column).
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method must be one of {RESIZE_METHODS}. Received: {method!r}")
@@ -150,11 +152,13 @@ def tensor_column(
             for batch in batches:
                 yield convert(batch.to_dict("records"))
 
-        return _from_structs(col)
+        udf = _from_structs
+    else:
 
-    @pandas_udf(ArrayType(FloatType()))
-    def _from_bytes(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        for batch in batches:
-            yield convert(batch)
+        @pandas_udf(ArrayType(FloatType()))
+        def _from_bytes(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
+            for batch in batches:
+                yield convert(batch)
 
-    return _from_bytes(col)
+        udf = _from_bytes
+    return (udf if deterministic else udf.asNondeterministic())(col)
