@@ -36,7 +36,7 @@ ARTIFACTS: dict[str, str] = {
     "cnn_metrics": "cnn/metrics.json",                 # train_cnn: test accuracy, history
     "cnn_confusion": "cnn/confusion_matrix.png",
     "cnn_curves": "cnn/training_curves.png",
-    "score_metrics": "scores/metrics.json",            # score: metrics of the scored splits
+    "score_metrics": "scores/_metrics.json",           # score: metrics of the scored splits
 }
 
 #: Page sections after the dataset: (title, stage, artifacts shown, what the stage does).

@@ -72,14 +72,14 @@ STAGE_TABLE: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, 
      ("visualize.input",), ("visualize.output",)),
     ("export", "pipelines.export:run_export", ("export",), ("ingest",),
      ("export.input",), ("export.output",)),
-    ("augment", "pipelines.augment:run_augment", ("augment",), ("ingest",),
+    ("augment", "pipelines.augment:run_augment", ("augment",), ("ingest", "export"),
      ("augment.input",), ("augment.output",)),
     ("transfer", "pipelines.transfer:run_transfer", ("transfer",), ("ingest",),
      ("transfer.input",), ("transfer.output",)),
     ("train_cnn", "pipelines.cnn:run_train_cnn", ("cnn",), ("ingest", "augment"),
-     ("cnn.input",), ("cnn.output",)),
-    ("score", "pipelines.score:run_score", ("score",), ("transfer", "train_cnn"),
-     ("score.input",), ("score.output",)),
+     ("cnn.inputs",), ("cnn.output",)),
+    ("score", "pipelines.score:run_score", ("score",), ("train_cnn",),
+     ("score.input", "score.model"), ("score.output",)),
     ("report", "pipelines.report:run_report", ("report",),
      ("ingest", "visualize", "export", "augment", "transfer", "train_cnn", "score"),
      (), ("report.output",)),
@@ -301,7 +301,9 @@ def _paths(config: Config, keys: Iterable[str]) -> list[tuple[str, str]]:
     found = []
     for key in keys:
         value = config_value(config, key)
-        if value is not None:
+        if isinstance(value, list | tuple):  # e.g. cnn.inputs: one fingerprint per path
+            found.extend((f"{key}[{i}]", str(v)) for i, v in enumerate(value) if v is not None)
+        elif value is not None:
             found.append((key, str(value)))
     return found
 
