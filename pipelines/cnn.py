@@ -20,6 +20,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,17 @@ OUTPUT_FILES = (
 _VERBOSE = {"bar": 1, "epoch": 2, "off": 0}
 #: Settings that do not change what is trained (a run may resume across changes of these).
 _NOT_TRAINING = {"output", "checkpoint_dir", "resume", "progress", "tensorboard", "architectures"}
+
+
+def checkpoint_dir(cfg: CnnConfig) -> Path:
+    """The driver-local folder for resumable training state (see ``cnn.checkpoint_dir``)."""
+    if cfg.checkpoint_dir:
+        return Path(cfg.checkpoint_dir.removeprefix("file://"))
+    output = cfg.output.rstrip("/")
+    if "://" not in output or output.startswith("file://"):
+        return Path(output.removeprefix("file://")).parent / "_checkpoints" / "cnn"
+    digest = hashlib.sha256(output.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "spark-image-pipelines" / f"cnn-{digest}"
 
 
 def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
@@ -107,7 +119,7 @@ def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
     logger.info("cnn: architecture %r, %s epochs, batch %s, rows %s, train labels %s",
                 cfg.architecture, epochs, batch_size, counts, labels)
 
-    work = Path(cfg.checkpoint_dir.removeprefix("file://"))
+    work = checkpoint_dir(cfg)
     resume_epoch = _prepare_work_dir(work, _run_digest(cfg, spec, epochs, batch_size), cfg.resume)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:

@@ -299,8 +299,10 @@ class CnnConfig(Section):
     early_stopping_patience: int | None = Field(default=3, ge=1)
     monitor: str = "val_top1"
     #: Driver-local folder for resumable state (weights, optimizer, epoch), the best checkpoint
-    #: and TensorBoard logs while training. Must be a local path, also on a cluster.
-    checkpoint_dir: str = "{output_root}/_checkpoints/cnn"
+    #: and TensorBoard logs while training. Must be a local path, also on a cluster. Default:
+    #: ``<output_root>/_checkpoints/cnn`` when the output is local, else a folder under the
+    #: driver's temp dir named after the output.
+    checkpoint_dir: str | None = None
     #: Continue from the last epoch checkpoint of an interrupted run with the same settings.
     resume: bool = True
     seed: int = 0
@@ -312,8 +314,8 @@ class CnnConfig(Section):
 
     @field_validator("checkpoint_dir")
     @classmethod
-    def _local_only(cls, value: str) -> str:
-        if "://" in value and not value.startswith("file://"):
+    def _local_only(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and not value.startswith("file://"):
             raise ValueError(
                 f"cnn.checkpoint_dir must be a driver-local path. Received: {value!r}"
             )
@@ -458,7 +460,10 @@ def load_config(
         raise ConfigError(_describe(exc, path)) from None
     # Defaults hold "{output_root}" too, so expand over the validated, complete tree.
     expanded = _expand_output_root(config.model_dump(), root.rstrip("/") or root)
-    return Config.model_validate(expanded)
+    try:
+        return Config.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
 
 
 def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
