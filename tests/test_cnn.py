@@ -194,3 +194,24 @@ def test_train_job_exits_2_on_a_bad_config_before_spark_starts():
     from jobs import train_cnn
 
     assert train_cnn.main(["--config", str(TEST_CONF), "--set", "cnn.epochs=0"]) == 2
+
+
+def test_model_batches_cut_every_row_once_and_shuffle_reproducibly():
+    from pipelines.cnn_data import model_batches
+
+    def record_batches():
+        for start in range(0, 1000, 300):  # record batches of 300, 300, 300, 100 rows
+            ids = np.arange(start, min(start + 300, 1000))
+            yield ids[:, None, None, None].astype(np.uint8), ids.astype(np.int32)
+
+    plain = list(model_batches(record_batches(), 128))
+    assert [len(y) for _, y in plain] == [128] * 7 + [104]
+    assert np.concatenate([y for _, y in plain]).tolist() == list(range(1000))
+    shuffled = list(model_batches(record_batches(), 128, shuffle_buffer=500, seed=3))
+    rows = np.concatenate([y for _, y in shuffled])
+    assert sorted(rows.tolist()) == list(range(1000)) and rows.tolist() != list(range(1000))
+    assert [len(y) for _, y in shuffled][:-1] == [128] * 7
+    again = np.concatenate([y for _, y in model_batches(record_batches(), 128, 500, seed=3)])
+    assert again.tolist() == rows.tolist()
+    for x, y in shuffled:
+        assert (x[:, 0, 0, 0] == y.astype(np.uint8)).all()  # images stay with their labels
