@@ -131,7 +131,9 @@ class AugmentConfig(Section):
     output: str = "{output_root}/augmented"
     #: Ordered operations, each ``{op: <name>, probability: <0-1>, <parameters>}``
     #: (see docs/augment.md). Default: the seed notebook's rotate(0.9, 25, 25).
-    operations: list[Operation] = Field(default_factory=lambda: list(SEED_OPERATIONS))
+    operations: list[Operation] = Field(
+        default_factory=lambda: list(SEED_OPERATIONS), validate_default=True
+    )
     #: Augmented samples per source image (the seed notebook: 2 passes of 10).
     samples_per_image: int = Field(default=20, ge=1, le=10000)
     #: Also write each source image unchanged (``<id>-original.png``, sample null).
