@@ -9,6 +9,7 @@ same bytes). :func:`remove_temp_files` clears the temporaries of attempts that w
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -39,6 +40,65 @@ def write_atomic(fs: Any, path: str, data: bytes) -> None:
     except (FileExistsError, OSError):  # object stores / HDFS refuse to rename onto a file
         fs.rm(path)
         fs.mv(tmp, path)
+
+
+class FsspecFiles:
+    """The file operations of a writing task, through any fsspec filesystem."""
+
+    def __init__(self, fs: Any):
+        self.fs = fs
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def names(self, folder: str) -> list[str]:
+        """The names of the files in ``folder``."""
+        return [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+
+    def write(self, path: str, data: bytes) -> None:
+        with self.fs.open(path, "wb") as out:
+            out.write(data)
+
+    def publish(self, tmp: str, final: str) -> None:
+        """Rename a finished temporary file onto its final name.
+
+        Where rename does not replace (HDFS, object stores), the final file can only have come
+        from another attempt writing the same bytes: keep it and drop ours.
+        """
+        try:
+            self.fs.mv(tmp, final)
+        except OSError:
+            if not self.fs.exists(final):
+                raise
+            self.fs.rm(tmp)
+
+
+class LocalFiles(FsspecFiles):
+    """The same operations on a local filesystem with plain ``os`` calls.
+
+    fsspec costs ~0.15 ms per file here (path normalisation, file object wrappers), as much as
+    encoding a small PNG; ``os.replace`` is the same atomic rename, replacing the final name.
+    """
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def names(self, folder: str) -> list[str]:
+        return os.listdir(folder)
+
+    def write(self, path: str, data: bytes) -> None:
+        with open(path, "wb") as out:
+            out.write(data)
+
+    def publish(self, tmp: str, final: str) -> None:
+        os.replace(tmp, final)
+
+
+def local_files(fs: Any) -> FsspecFiles:
+    """File operations for ``fs``: plain ``os`` calls when it is the local filesystem."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFiles(fs) if isinstance(fs, LocalFileSystem) else FsspecFiles(fs)
 
 
 def remove_temp_files(fs: Any, root: str) -> int:
