@@ -40,14 +40,14 @@ from pipelines.faults import maybe_fail
 from pipelines.images import (
     IMAGE_STRUCT,
     array_to_struct,
-    decode_image,
+    decode_pil,
     from_rgb,
     struct_to_array,
     to_rgb,
 )
 from pipelines.ingest import read_images
 from pipelines.storage import Storage
-from pipelines.task_files import open_fs, remove_temp_files, write_atomic
+from pipelines.task_files import local_files, open_fs, remove_temp_files, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,9 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         augmenter = Augmenter(operations, seed)
-        in_fs = open_fs(input_uri)[0]
+        in_fs = local_files(open_fs(input_uri)[0])
         fs, png_path = open_fs(png_root) if png_root else (None, None)
+        files = local_files(fs) if fs is not None else None
         made_dirs: set[str] = set()
         stats = {"sources": 0, "samples": 0, "originals": 0, "bad": []}
         for batch in batches:
@@ -220,8 +221,8 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
                 stats["sources"] += 1
                 part_dir = f"split={row['split']}/label={row['label']}"
                 folder = f"{png_path}/{part_dir}"
-                if fs is not None and folder not in made_dirs:
-                    fs.makedirs(folder, exist_ok=True)
+                if files is not None and folder not in made_dirs:
+                    files.makedirs(folder)
                     made_dirs.add(folder)
                 outputs = [(None, image, [])] if keep_originals else []
                 outputs += ((k, *augmenter.augment(image, row["source_id"], k))
@@ -230,8 +231,9 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
                     maybe_fail("augment.write")
                     name = f"{row['source_id']}-{'original' if k is None else k}"
                     origin = ""
-                    if fs is not None:
-                        write_atomic(fs, f"{folder}/{name}.png", _png_bytes(result, compress_level))
+                    if files is not None:
+                        files.write_atomic(f"{folder}/{name}.png",
+                                           _png_bytes(result, compress_level))
                         origin = f"{origin_root}/{part_dir}/{name}.png"
                     stats["originals" if k is None else "samples"] += 1
                     if rows:
@@ -267,13 +269,16 @@ def _collect_stats(root: str) -> dict[str, Any]:
     return total
 
 
-def _to_pil(row: dict[str, Any], fs: Any):
-    """A source row -> PIL image in mode L, RGB or RGBA (ValueError when undecodable)."""
+def _to_pil(row: dict[str, Any], files: Any):
+    """A source row -> PIL image in mode L, RGB or RGBA (ValueError when undecodable).
+
+    ``files``: :func:`pipelines.task_files.local_files` of the input's filesystem.
+    """
     from PIL import Image
 
     if row["path"] is not None:
-        array = decode_image(fs.cat_file(row["path"]), row["origin"])
-    elif row["image"] is not None:
+        return decode_pil(files.read(row["path"]), row["origin"])
+    if row["image"] is not None:
         array = to_rgb(struct_to_array(row["image"]))
     else:
         raise ValueError(f"row has no image (origin={row['origin']!r})")
@@ -302,7 +307,7 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
         return 0
     augmenter = Augmenter([op.model_dump() for op in cfg.operations], cfg.seed)
     candidates = _sheet_sources(sources, cfg)
-    in_fs = open_fs(cfg.input)[0]
+    in_fs = local_files(open_fs(cfg.input)[0])
     images, captions, labels = [], [], []
     columns = cfg.sheet_samples + 1
     for row in candidates:

@@ -55,9 +55,19 @@ class FsspecFiles:
         """The names of the files in ``folder``."""
         return [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
 
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
     def write(self, path: str, data: bytes) -> None:
         with self.fs.open(path, "wb") as out:
             out.write(data)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` via a temporary sibling published with :meth:`publish`."""
+        parent, _, name = path.rpartition("/")
+        tmp = f"{parent}/.{name}{TEMP_MARK}{uuid.uuid4().hex}"
+        self.write(tmp, data)
+        self.publish(tmp, path)
 
     def publish(self, tmp: str, final: str) -> None:
         """Rename a finished temporary file onto its final name.
@@ -85,6 +95,10 @@ class LocalFiles(FsspecFiles):
 
     def names(self, folder: str) -> list[str]:
         return os.listdir(folder)
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
 
     def write(self, path: str, data: bytes) -> None:
         with open(path, "wb") as out:
