@@ -302,11 +302,11 @@ def _finish_folders(
     from fsspec.core import url_to_fs
 
     fs, base = url_to_fs(root, **storage_options)
+    files = local_files(fs)
     present: dict[tuple[str, int], int] = {}
     removed = 0
     for split, label in folders:
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{base}/split={split}/label={label}",
-                                                    detail=False)]
+        names = files.names(f"{base}/split={split}/label={label}")
         leftovers = [n for n in names if n.startswith(".") and n.endswith(_TMP_SUFFIX)]
         for name in leftovers:
             fs.rm(f"{base}/split={split}/label={label}/{name}")
