@@ -31,6 +31,7 @@ credentials; pyarrow.fs alone knows no ``s3a://`` and no Azure/GCS variants Spar
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
@@ -49,6 +50,7 @@ from pipelines.faults import maybe_fail
 from pipelines.images import CHANNELS_BY_OCV_MODE, encode_png, is_image_struct, to_rgb
 from pipelines.ingest import read_images
 from pipelines.storage import Storage
+from pipelines.task_files import local_files
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +198,7 @@ def _png_writer(
         from fsspec.core import url_to_fs
 
         fs, base = url_to_fs(root, **storage_options)
+        files = local_files(fs)
         attempt = uuid.uuid4().hex[:12]
         folders: dict[tuple[str, int], str] = {}
         existing: dict[str, set[str]] = {}
@@ -208,26 +211,21 @@ def _png_writer(
                 folder = folders.get(key)
                 if folder is None:
                     folder = folders[key] = f"{base}/split={key[0]}/label={key[1]}"
-                    fs.makedirs(folder, exist_ok=True)
+                    files.makedirs(folder)
                     if skip_existing:
-                        existing[folder] = {p.rsplit("/", 1)[-1]
-                                            for p in fs.ls(folder, detail=False)}
+                        existing[folder] = set(files.names(folder))
                     stats[key] = [0, 0, 0]
                 name = f"{image_id}.png"
                 if skip_existing and name in existing[folder]:
                     stats[key][1] += 1
                     continue
-                height, width, channels = shapes[i]
-                pixels = np.frombuffer(values, np.uint8, height * width * channels, offsets[i])
-                png = encode_png(to_rgb(pixels.reshape(height, width, channels)), compress_level)
-                final = f"{folder}/{name}"
+                png = _encode(values, offsets[i], shapes[i], compress_level)
                 tmp = f"{folder}/.{name}.{attempt}{_TMP_SUFFIX}"
-                with fs.open(tmp, "wb") as out:
-                    out.write(png)
+                files.write(tmp, png)
                 done += 1
                 if done > _FAILPOINT_AFTER:
                     maybe_fail("export.write")
-                _commit(fs, tmp, final)
+                files.publish(tmp, f"{folder}/{name}")
                 stats[key][0] += 1
                 stats[key][2] += len(png)
         keys = sorted(stats)
@@ -282,18 +280,19 @@ def _unpack(batch: pa.RecordBatch) -> tuple[list[str], list[str], list[int], lis
             shapes.astype(int).tolist(), offsets.tolist(), values)
 
 
-def _commit(fs: Any, tmp: str, final: str) -> None:
-    """Rename a finished temporary file onto its final name.
+def _encode(values: memoryview, offset: int, shape: list[int], compress_level: int) -> bytes:
+    """One image of a batch -> PNG bytes; grayscale goes from the Arrow buffer to Pillow as is."""
+    height, width, channels = shape
+    if channels == 1:
+        from PIL import Image
 
-    Where rename does not replace (HDFS), the final file can only have come from another attempt
-    of the same task with the same bytes: keep it and drop ours.
-    """
-    try:
-        fs.mv(tmp, final)
-    except OSError:
-        if not fs.exists(final):
-            raise
-        fs.rm(tmp)
+        buf = io.BytesIO()
+        image = Image.frombuffer("L", (width, height), values[offset:offset + height * width],
+                                 "raw", "L", 0, 1)
+        image.save(buf, format="PNG", compress_level=compress_level)
+        return buf.getvalue()
+    pixels = np.frombuffer(values, np.uint8, height * width * channels, offset)
+    return encode_png(to_rgb(pixels.reshape(height, width, channels)), compress_level)
 
 
 def _finish_folders(
@@ -303,11 +302,11 @@ def _finish_folders(
     from fsspec.core import url_to_fs
 
     fs, base = url_to_fs(root, **storage_options)
+    files = local_files(fs)
     present: dict[tuple[str, int], int] = {}
     removed = 0
     for split, label in folders:
-        names = [p.rsplit("/", 1)[-1] for p in fs.ls(f"{base}/split={split}/label={label}",
-                                                    detail=False)]
+        names = files.names(f"{base}/split={split}/label={label}")
         leftovers = [n for n in names if n.startswith(".") and n.endswith(_TMP_SUFFIX)]
         for name in leftovers:
             fs.rm(f"{base}/split={split}/label={label}/{name}")

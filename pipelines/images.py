@@ -116,7 +116,15 @@ def from_rgb(array: np.ndarray) -> np.ndarray:
 def decode_image(data: bytes, origin: str = "") -> np.ndarray:
     """Encoded image bytes (PNG, JPEG, ...) -> ``uint8`` array (H, W, C) in RGB(A) order.
 
-    Grayscale stays 1 channel; palette and other modes become RGB or RGBA.
+    Raises:
+        ValueError: the bytes are empty or not a decodable image.
+    """
+    array = np.asarray(decode_pil(data, origin), dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def decode_pil(data: bytes, origin: str = ""):
+    """Encoded image bytes -> a loaded PIL image in mode L, RGB or RGBA.
 
     Raises:
         ValueError: the bytes are empty or not a decodable image.
@@ -126,14 +134,13 @@ def decode_image(data: bytes, origin: str = "") -> np.ndarray:
     if not data:
         raise ValueError(f"image bytes are empty (origin={origin!r})")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode not in ("L", "RGB", "RGBA"):
-                img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-            array = np.asarray(img, dtype=np.uint8)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        if img.mode not in ("L", "RGB", "RGBA"):
+            img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image (origin={origin!r}): {exc}") from None
-    return array[:, :, None] if array.ndim == 2 else array
+    return img
 
 
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:

@@ -9,6 +9,7 @@ same bytes). :func:`remove_temp_files` clears the temporaries of attempts that w
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -41,9 +42,97 @@ def write_atomic(fs: Any, path: str, data: bytes) -> None:
         fs.mv(tmp, path)
 
 
+class FsspecFiles:
+    """The file operations of a writing task, through any fsspec filesystem."""
+
+    def __init__(self, fs: Any):
+        self.fs = fs
+
+    def makedirs(self, path: str) -> None:
+        self.fs.makedirs(path, exist_ok=True)
+
+    def names(self, folder: str) -> list[str]:
+        """The names of the files in ``folder``."""
+        return [p.rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False)]
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(path)
+
+    def write(self, path: str, data: bytes) -> None:
+        with self.fs.open(path, "wb") as out:
+            out.write(data)
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` via a temporary sibling published with :meth:`publish`."""
+        parent, _, name = path.rpartition("/")
+        tmp = f"{parent}/.{name}{TEMP_MARK}{uuid.uuid4().hex}"
+        self.write(tmp, data)
+        self.publish(tmp, path)
+
+    def publish(self, tmp: str, final: str) -> None:
+        """Rename a finished temporary file onto its final name.
+
+        Where rename does not replace (HDFS, object stores), the final file can only have come
+        from another attempt writing the same bytes: keep it and drop ours.
+        """
+        try:
+            self.fs.mv(tmp, final)
+        except OSError:
+            if not self.fs.exists(final):
+                raise
+            self.fs.rm(tmp)
+
+
+class LocalFiles(FsspecFiles):
+    """The same operations on a local filesystem with plain ``os`` calls.
+
+    fsspec costs ~0.15 ms per file here (path normalisation, file object wrappers), as much as
+    encoding a small PNG; ``os.replace`` is the same atomic rename, replacing the final name.
+    """
+
+    def makedirs(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+
+    def names(self, folder: str) -> list[str]:
+        return os.listdir(folder)
+
+    def read(self, path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    def write(self, path: str, data: bytes) -> None:
+        with open(path, "wb") as out:
+            out.write(data)
+
+    def publish(self, tmp: str, final: str) -> None:
+        os.replace(tmp, final)
+
+
+def local_files(fs: Any) -> FsspecFiles:
+    """File operations for ``fs``: plain ``os`` calls when it is the local filesystem."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFiles(fs) if isinstance(fs, LocalFileSystem) else FsspecFiles(fs)
+
+
+def find_files(fs: Any, root: str) -> dict[str, int]:
+    """Every file under ``root`` -> its size in bytes (``fs.find``; ``os.walk`` when local,
+    ~15x faster on 70,000 files)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        return {path: info.get("size") or 0 for path, info in fs.find(root, detail=True).items()}
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = f"{folder}/{name}"
+            found[path] = os.stat(path).st_size
+    return found
+
+
 def remove_temp_files(fs: Any, root: str) -> int:
     """Delete temporaries left under ``root`` by killed writers; returns how many."""
-    leftovers = [p for p in fs.find(root) if TEMP_MARK in p.rpartition("/")[2]]
+    leftovers = [p for p in find_files(fs, root) if TEMP_MARK in p.rpartition("/")[2]]
     for path in leftovers:
         fs.rm(path)
     return len(leftovers)
