@@ -103,6 +103,9 @@ def fetch_mnist(config: MnistConfig) -> MnistFiles:
     cache = Path(config.cache_dir).expanduser()
     failures = []
     for source in config.sources:
+        if source == "local" and not config.local_dir:
+            logger.debug("MNIST source 'local' skipped: mnist.local_dir is not set")
+            continue
         # What a download or conversion produced earlier is reused; a local folder is not
         # shadowed by the cache, since it comes first when configured first.
         cached = _find_files(cache) if source != "local" else None
