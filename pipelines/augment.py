@@ -53,7 +53,6 @@ from pipelines.task_files import (
     local_files,
     open_fs,
     remove_temp_files,
-    write_atomic,
 )
 
 logger = logging.getLogger(__name__)
@@ -263,7 +262,8 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
         part = TaskContext.get().partitionId()
         stats_fs, stats_path = open_fs(stats_root)
         stats_fs.makedirs(stats_path, exist_ok=True)
-        write_atomic(stats_fs, f"{stats_path}/part-{part:05d}.json", json.dumps(stats).encode())
+        local_files(stats_fs).write_atomic(f"{stats_path}/part-{part:05d}.json",
+                                           json.dumps(stats).encode())
 
     return run
 

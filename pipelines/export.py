@@ -50,7 +50,7 @@ from pipelines.faults import maybe_fail
 from pipelines.images import CHANNELS_BY_OCV_MODE, encode_png, is_image_struct, to_rgb
 from pipelines.ingest import read_images
 from pipelines.storage import Storage
-from pipelines.task_files import local_files
+from pipelines.task_files import local_files, open_fs
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def run_export(spark: SparkSession, config: Config) -> dict[str, Any]:
             _require_rows(counts, cfg)
             storage.write_text(f"{staged}/{MANIFEST}", _manifest(selection, counts, "complete"))
     else:
-        created = _check_skip_target(storage, cfg.output, selection, cfg.storage_options)
+        created = _check_skip_target(storage, cfg.output, selection)
         storage.write_text(f"{cfg.output}/{MANIFEST}", _manifest(selection, {}, "running"))
         counts = export_png(df, storage.qualify(cfg.output), cfg.compress_level,
                             skip_existing=True, storage_options=cfg.storage_options)
@@ -195,9 +195,7 @@ def _png_writer(
     """The function each write task runs (captures plain values only)."""
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from fsspec.core import url_to_fs
-
-        fs, base = url_to_fs(root, **storage_options)
+        fs, base = open_fs(root, **storage_options)
         files = local_files(fs)
         attempt = uuid.uuid4().hex[:12]
         folders: dict[tuple[str, int], str] = {}
@@ -299,9 +297,7 @@ def _finish_folders(
     root: str, storage_options: dict[str, Any], folders: dict[tuple[str, int], list[int]]
 ) -> dict[tuple[str, int], int]:
     """Remove temporary files of failed attempts; count the PNG files of every written folder."""
-    from fsspec.core import url_to_fs
-
-    fs, base = url_to_fs(root, **storage_options)
+    fs, base = open_fs(root, **storage_options)
     files = local_files(fs)
     present: dict[tuple[str, int], int] = {}
     removed = 0
@@ -341,9 +337,7 @@ def _manifest(selection: dict[str, Any], counts: dict[str, Any], status: str) ->
     return json.dumps(body, indent=2, sort_keys=True) + "\n"
 
 
-def _check_skip_target(
-    storage: Storage, output: str, selection: dict[str, Any], options: dict[str, Any]
-) -> bool:
+def _check_skip_target(storage: Storage, output: str, selection: dict[str, Any]) -> bool:
     """``mode: skip`` only resumes an export of the same selection; True: a new output."""
     if not storage.exists(output) or not storage.list(output):
         return True
@@ -354,11 +348,7 @@ def _check_skip_target(
             f"(no {MANIFEST}); use mode 'replace' or another output. Received: "
             f"export.output={output!r}"
         )
-    # Read through fsspec: Storage.read_bytes returns zero bytes (py4j copies the byte[]).
-    from fsspec.core import url_to_fs
-
-    fs, path = url_to_fs(storage.qualify(manifest), **options)
-    previous = json.loads(fs.cat_file(path))
+    previous = json.loads(storage.read_bytes(manifest))
     if previous.get("fingerprint") != _fingerprint(selection):
         raise ValueError(
             f"export.mode is 'skip' but {output!r} holds an export of another selection; "
