@@ -17,7 +17,6 @@ Every random choice comes from (``seed``, source id, sample index) (see
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -41,6 +40,7 @@ from pipelines.images import (
     IMAGE_STRUCT,
     array_to_struct,
     decode_pil,
+    encode_png,
     from_rgb,
     struct_to_array,
     to_rgb,
@@ -245,15 +245,16 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
                     maybe_fail("augment.write")
                     name = f"{row['source_id']}-{'original' if k is None else k}"
                     origin = ""
+                    pixels = _as_array(result)
                     if files is not None:
                         files.write_atomic(f"{folder}/{name}.png",
-                                           _png_bytes(result, compress_level))
+                                           encode_png(pixels, compress_level))
                         origin = f"{origin_root}/{part_dir}/{name}.png"
                     stats["originals" if k is None else "samples"] += 1
                     if rows:
                         out.append({
                             "id": name, "split": row["split"], "label": row["label"],
-                            "image": array_to_struct(from_rgb(_as_array(result)), origin),
+                            "image": array_to_struct(from_rgb(pixels), origin),
                             "source_id": row["source_id"], "sample": k,
                             "operations": operations_json(applied),
                         })
@@ -303,12 +304,6 @@ def _to_pil(row: dict[str, Any], files: Any):
 def _as_array(image) -> np.ndarray:
     array = np.asarray(image, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
-
-
-def _png_bytes(image, compress_level: int) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
 
 
 def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig,

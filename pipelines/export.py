@@ -31,7 +31,6 @@ credentials; pyarrow.fs alone knows no ``s3a://`` and no Azure/GCS variants Spar
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import time
@@ -279,16 +278,8 @@ def _unpack(batch: pa.RecordBatch) -> tuple[list[str], list[str], list[int], lis
 
 
 def _encode(values: memoryview, offset: int, shape: list[int], compress_level: int) -> bytes:
-    """One image of a batch -> PNG bytes; grayscale goes from the Arrow buffer to Pillow as is."""
+    """One image of a batch -> PNG bytes, pixels read from the Arrow buffer without a copy."""
     height, width, channels = shape
-    if channels == 1:
-        from PIL import Image
-
-        buf = io.BytesIO()
-        image = Image.frombuffer("L", (width, height), values[offset:offset + height * width],
-                                 "raw", "L", 0, 1)
-        image.save(buf, format="PNG", compress_level=compress_level)
-        return buf.getvalue()
     pixels = np.frombuffer(values, np.uint8, height * width * channels, offset)
     return encode_png(to_rgb(pixels.reshape(height, width, channels)), compress_level)
 

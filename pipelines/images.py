@@ -119,7 +119,9 @@ def decode_image(data: bytes, origin: str = "") -> np.ndarray:
     Raises:
         ValueError: the bytes are empty or not a decodable image.
     """
-    array = np.asarray(decode_pil(data, origin), dtype=np.uint8)
+    array = _decode_plain_png(data)
+    if array is None:
+        array = np.asarray(decode_pil(data, origin), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -133,6 +135,9 @@ def decode_pil(data: bytes, origin: str = ""):
 
     if not data:
         raise ValueError(f"image bytes are empty (origin={origin!r})")
+    array = _decode_plain_png(data)
+    if array is not None:
+        return Image.fromarray(array)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -143,13 +148,47 @@ def decode_pil(data: bytes, origin: str = ""):
     return img
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG colour type -> channels, for the 8-bit types that decode to L, RGB or RGBA as they are.
+_PLAIN_PNG_CHANNELS = {0: 1, 2: 3, 6: 4}
+
+
+def _decode_plain_png(data: bytes) -> np.ndarray | None:
+    """8-bit grey, RGB or RGBA PNG -> array (H, W[, C]) through libpng (``imagecodecs``), ~4x
+    faster than Pillow for small images; None for anything else (Pillow decodes, converts and
+    reports it: palettes, 16-bit, grey+alpha, transparency chunks, corrupt data)."""
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or data[24] != 8:
+        return None
+    channels = _PLAIN_PNG_CHANNELS.get(data[25])
+    if channels is None:
+        return None
+    import imagecodecs
+
+    try:
+        array = imagecodecs.png_decode(data)
+    except (imagecodecs.PngError, ValueError, RuntimeError):
+        return None
+    if array.dtype != np.uint8 or (array.shape[2] if array.ndim == 3 else 1) != channels:
+        return None
+    return array
+
+
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
-    """``uint8`` array (H, W[, C]) in RGB(A) order -> PNG bytes (lossless; gray stays 1 channel)."""
-    from PIL import Image
+    """``uint8`` array (H, W[, C]) in RGB(A) order -> PNG bytes (lossless; gray stays 1 channel).
+
+    Encoded by libpng through ``imagecodecs``: ~3x faster than Pillow's ``save`` for small
+    images (Pillow's per-call overhead is larger than the encoding of a 28x28 image).
+    """
+    import imagecodecs
 
     array = np.asarray(array)
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+        array.ndim == 3 and array.shape[2] not in (3, 4)
+    ):
+        raise ValueError(
+            "PNG export takes uint8 arrays (H, W), (H, W, 1), (H, W, 3) or (H, W, 4). "
+            f"Received: dtype={array.dtype}, shape={array.shape}"
+        )
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(array), level=compress_level))
