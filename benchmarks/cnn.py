@@ -127,6 +127,15 @@ def bench_memory(spec, images: str) -> dict:
 
 
 def bench_score(spec, rows_path: str, args) -> dict:
+    """Scoring throughput: KerasImageClassifier through Spark vs a bare ``model.predict``.
+
+    Both sides start from the same stored images held in memory (Spark: the cached image
+    DataFrame; baseline: the structs' pixel bytes collected from it) and count the same work:
+    bytes -> float32 * 1/255 -> predict. The baseline decodes the fastest way a user would write
+    (one ``np.frombuffer`` over all images), TensorFlow's default threads, one process. Each side
+    is warmed up once (model load, JIT), then timed runs alternate baseline, Spark, baseline,
+    Spark... so a change in the machine's load hits both; the ratio is the median of the pairs.
+    """
     import keras
     from pyspark.sql import SparkSession
 
@@ -136,15 +145,7 @@ def bench_score(spec, rows_path: str, args) -> dict:
     keras.utils.set_random_seed(0)
     model = build_model(spec, 10)
     model.save(folder / "model.keras")
-    source = open_split([rows_path], "test", tuple(spec.input_shape))
-    x, _ = load_numpy(source)
-    x = x.astype(np.float32) / 255.0
-
-    bare = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        model.predict(x, batch_size=args.score_batch, verbose=0)
-        bare.append(time.perf_counter() - start)
+    shape = tuple(spec.input_shape)
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = (SparkSession.builder.master("local[2]").appName("bench-cnn")
@@ -153,22 +154,35 @@ def bench_score(spec, rows_path: str, args) -> dict:
     spark.sparkContext.setLogLevel("ERROR")
     images = spark.read.parquet(rows_path).where("split = 'test'").select("id", "image")
     images = images.repartition(2).cache()
-    images.count()
+    n = images.count()
+    stored = [r.data for r in images.select("image.data").collect()]
     scorer = KerasImageClassifier(modelPath=str(folder / "model.keras"),
                                   batchSize=args.score_batch)
-    scorer.transform(images).write.format("noop").mode("overwrite").save()  # warm workers
-    timed = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
+
+    def bare():
+        x = np.frombuffer(b"".join(stored), np.uint8).reshape(-1, *shape)
+        model.predict(x.astype(np.float32) * np.float32(1 / 255), batch_size=args.score_batch,
+                      verbose=0)
+
+    def through_spark():
         scorer.transform(images).write.format("noop").mode("overwrite").save()
-        timed.append(time.perf_counter() - start)
+
+    bare()
+    through_spark()  # warm workers: model loaded once per Python worker
+    timed, base = [], []
+    for _ in range(args.repeats):
+        for fn, times in ((bare, base), (through_spark, timed)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     spark.stop()
-    n = len(x)
-    spark_rate, bare_rate = n / statistics.median(timed), n / statistics.median(bare)
+    spark_rate, bare_rate = n / statistics.median(timed), n / statistics.median(base)
+    ratio = statistics.median(b / t for b, t in zip(base, timed, strict=True))
     return {"rows": n, "batch": args.score_batch, "spark_images_per_s": round(spark_rate),
             "bare_predict_images_per_s": round(bare_rate),
-            "ratio_spark_over_bare": round(spark_rate / bare_rate, 3), "target": ">= 0.8",
-            "spark_s": [round(t, 2) for t in timed], "bare_s": [round(t, 2) for t in bare]}
+            "ratio_spark_over_bare": round(ratio, 3), "target": ">= 0.8",
+            "ratio_of_medians": round(spark_rate / bare_rate, 3),
+            "spark_s": [round(t, 2) for t in timed], "bare_s": [round(t, 2) for t in base]}
 
 
 def main() -> None:

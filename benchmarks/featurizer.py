@@ -1,12 +1,18 @@
 """DeepImageFeaturizer throughput through Spark vs a bare single-process Keras ``predict``.
 
 Both sides run the same model, input size, batch size and weights on the same images, in one
-run. The baseline is the fastest thing a user could write without Spark: the images already
-decoded and resized in memory, then ``model.predict(preprocess_input(x), batch_size=...)``.
-The Spark side starts from image structs cached in memory and includes everything the stage
-does (struct -> RGB tensor, resize, Arrow transfer, preprocess_input, predict, vector
-conversion). Each side runs once to warm up (TensorFlow import, model build), then ``--repeats``
-timed runs; medians are compared. The ratio is Spark images/s over baseline images/s.
+run, and both start from the same stored images held in memory (the baseline from image structs
+in a Python list, Spark from a cached DataFrame of them), so the same work is counted on both
+sides: struct -> RGB array, resize to the model input, ``preprocess_input``, ``predict``. The
+baseline is what a user would write without Spark: ``to_batch`` (decode + resize) then
+``model.predict(preprocess_input(x), batch_size=...)`` in one process with TensorFlow's default
+threads. Spark adds Arrow transfers, its own scheduling and the vector conversion.
+
+Fairness on a shared, noisy machine: each side runs once to warm up (TensorFlow import, model
+build, JIT), then the timed runs alternate baseline, Spark, baseline, Spark... so a change in
+the load of other processes hits both sides alike. Reported: median images/s of each side, and
+the median of the per-pair ratios Spark / baseline (the figure to quote). Use enough images that
+fixed per-query costs (job scheduling, ~0.1-0.3 s) do not dominate: 1024 at 75x75 takes ~10 s.
 
     python benchmarks/featurizer.py --input out/images --model InceptionV3 --size 75
 
@@ -68,47 +74,97 @@ def main(argv=None) -> int:
         n = df.count()
         structs = [r.image.asDict() for r in df.select("image").collect()]
 
-        # Baseline: one process, TensorFlow's default threads, images already resized in memory.
+        # Baseline: one process, TensorFlow's default threads, decode + resize + predict.
         model = build_model(args.model, args.size, "none")
         preprocess = preprocess_fn(args.model)
-        t = time.perf_counter()
-        x, _ = to_batch(structs, "struct", args.size, args.size, 3, "bilinear")
-        prep_s = time.perf_counter() - t
-        model.predict(preprocess(x[: args.batch]), batch_size=args.batch, verbose=0)
-        base = _timed(lambda: model.predict(preprocess(x), batch_size=args.batch, verbose=0),
-                      args.repeats)
+
+        def baseline():
+            x, _ = to_batch(structs, "struct", args.size, args.size, 3, "bilinear")
+            model.predict(preprocess(x), batch_size=args.batch, verbose=0)
 
         featurizer = DeepImageFeaturizer(
             modelName=args.model, inputSize=args.size, weights="none", batchSize=args.batch,
             threads=args.threads,
         )
         out = featurizer.transform(df).select(F.col("features"))
-        cold = _timed(lambda: out.write.format("noop").mode("overwrite").save(), 1)[0]
-        warm = _timed(lambda: out.write.format("noop").mode("overwrite").save(), args.repeats)
+
+        def through_spark():
+            out.write.format("noop").mode("overwrite").save()
+
+        baseline()
+        cold = _timed(through_spark, 1)[0]
+        base, warm, base_cpu, spark_cpu = [], [], [], []
+        for _ in range(args.repeats):
+            base += _timed(baseline, 1, base_cpu)
+            warm += _timed(through_spark, 1, spark_cpu)
+        load = os.getloadavg()
     finally:
         spark.stop()
 
     base_rate = n / statistics.median(base)
     spark_rate = n / statistics.median(warm)
+    ratio = statistics.median(b / w for b, w in zip(base, warm, strict=True))
     print(f"model={args.model} input={args.size}x{args.size} batch={args.batch} images={n} "
-          f"partitions={args.partitions} threads/worker={args.threads} weights=none")
-    print(f"baseline Keras predict (1 process, TF default threads): "
-          f"{base_rate:8.1f} images/s  (median of {args.repeats}; decode+resize beforehand "
-          f"took {prep_s:.2f}s, not counted)")
-    print(f"Spark DeepImageFeaturizer (warm workers):            "
-          f"{spark_rate:8.1f} images/s  (median of {args.repeats}; first run with model "
-          f"builds {n / cold:.1f} images/s)")
-    print(f"ratio Spark / baseline: {spark_rate / base_rate:.2f}x (target >= 0.85x)")
+          f"partitions={args.partitions} threads/worker={args.threads} weights=none "
+          f"load average={load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}")
+    print(f"baseline Keras (1 process, TF default threads, decode+resize+predict): "
+          f"{base_rate:8.1f} images/s  (median of {args.repeats}: "
+          f"{' '.join(f'{t:.1f}' for t in base)} s)")
+    print(f"Spark DeepImageFeaturizer (warm workers):                            "
+          f"{spark_rate:8.1f} images/s  (median of {args.repeats}: "
+          f"{' '.join(f'{t:.1f}' for t in warm)} s; first run with model builds "
+          f"{n / cold:.1f} images/s)")
+    print(f"ratio Spark / baseline: {ratio:.2f}x (median of {args.repeats} alternating pairs; "
+          f"ratio of medians {spark_rate / base_rate:.2f}x; target >= 0.85x)")
+    base_c, spark_c = statistics.median(base_cpu), statistics.median(spark_cpu)
+    print(f"CPU seconds per 1000 images (all processes of each side, load-independent): "
+          f"baseline {1000 * base_c / n:.1f}, Spark {1000 * spark_c / n:.1f} -> "
+          f"Spark needs {spark_c / base_c:.2f}x the CPU of the baseline")
     return 0
 
 
-def _timed(fn, repeats: int) -> list[float]:
+def _timed(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of each of ``repeats`` calls; CPU seconds of this process tree to ``cpu``."""
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        c, t = tree_cpu_seconds(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
+        if cpu is not None:
+            cpu.append(tree_cpu_seconds() - c)
     return times
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds (user + system, with reaped children) of a process and all its descendants.
+
+    The Spark side runs in the JVM and Python workers below this process, so this counts the
+    CPU both sides really used: unlike wall time it does not depend on how much of the machine
+    other jobs take.
+    """
+    root = os.getpid() if root is None else root
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+        stats[int(entry)] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
+    tree, total = {root}, 0.0
+    changed = True  # pids can wrap, so parents may sort after children: loop to a fixpoint
+    while changed:
+        changed = False
+        for pid, (ppid, _) in stats.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                changed = True
+    for pid in tree:
+        total += stats.get(pid, (0, 0.0))[1]
+    return total
 
 
 def _images(spark, path: str, count: int):

@@ -9,19 +9,21 @@ the model's globally average-pooled last-block features (2048 values for Incepti
                                      modelName="InceptionV3", weights="imagenet")
     model = Pipeline(stages=[featurizer, LogisticRegression(labelCol="label")]).fit(train)
 
-How it runs: :func:`pipelines.tensors.tensor_column` turns each image into a float32 RGB tensor
-of the model's input size (gray is replicated to 3 channels, BGR structs are reordered), then
-``pyspark.ml.functions.predict_batch_udf`` feeds numpy batches of ``batchSize`` to the model. The
-model is built and its weights loaded once per Python worker (TensorFlow is imported there only);
-the model's own ``preprocess_input`` is applied to each batch.
+How it runs: one ``pyspark.ml.functions.predict_batch_udf`` (built by
+:func:`pipelines.tensors.image_predict_udf`) receives the stored images (the struct's fields, or
+the encoded bytes) and, per batch of ``batchSize``, decodes them to RGB at the model's input size
+(gray is replicated to 3 channels, BGR structs are reordered), applies the model's own
+``preprocess_input`` and runs the model. The model is built and its weights loaded once per Python
+worker (TensorFlow is imported there only) and stays loaded for later ``transform`` calls of a
+stage with the same Params.
 
 Invalid images (null, undecodable, unsupported mode) are rejected with an error naming the column
 (``handleInvalid="error"``, the default) or dropped like the image source's ``dropInvalid``
 (``handleInvalid="skip"``; executors log each one).
 
 Spark's Arrow batches hold ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows (10,000 by
-default); at 299x299 one tensor is ~1 MB, so set it to a few hundred for large inputs (the
-transfer job does; :meth:`DeepImageFeaturizer._transform` warns when a batch would exceed 512 MB).
+default) of *stored* images; decoded float tensors exist only ``batchSize`` at a time. For large
+images (a 12-megapixel JPEG decodes to 36 MB) set it to a few hundred (the transfer job does).
 """
 
 from __future__ import annotations
@@ -30,28 +32,32 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 from pyspark import keyword_only
 from pyspark.ml import Transformer
-from pyspark.ml.functions import array_to_vector, predict_batch_udf
+from pyspark.ml.functions import array_to_vector
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasHandleInvalid, HasInputCol, HasOutputCol
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, FloatType
+from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
 from pipelines.keras_models import MODELS, get_spec, resolve_size
-from pipelines.tensors import RESIZE_METHODS, input_kind, tensor_column
+from pipelines.tensors import (
+    RESIZE_METHODS,
+    VALID,
+    BatchPredict,
+    image_inputs,
+    image_predict_udf,
+    input_kind,
+)
 
 logger = logging.getLogger(__name__)
 
 HANDLE_INVALID = ("skip", "error")
-#: Arrow batches above this many bytes of tensors get a warning (see the module docstring).
-ARROW_BATCH_WARN_BYTES = 512 * 1024 * 1024
 
 
 class DeepImageParams(HasInputCol, HasOutputCol, HasHandleInvalid):
@@ -258,14 +264,15 @@ def local_path(source: str, shipped: bool) -> str:
 
 def make_predict_fn(
     run: ModelRun, include_top: bool, top_k: int = 0
-) -> Callable[[], Callable[[np.ndarray], Any]]:
-    """``make_predict_fn`` for ``predict_batch_udf``; captures only the frozen ``run``.
+) -> Callable[[], BatchPredict]:
+    """``make_predict`` for :func:`pipelines.tensors.image_predict_udf`; captures only ``run``.
 
-    With ``include_top`` and ``top_k > 0`` the function returns the top-K class indices and
-    probabilities per image; otherwise the model's output (features or class probabilities).
+    The predict function takes uint8 RGB batches and returns ``{"values": model output}``
+    (features or class probabilities), or with ``include_top`` and ``top_k > 0`` the top-K class
+    ``{"indices": ..., "probabilities": ...}`` per image.
     """
 
-    def make() -> Callable[[np.ndarray], Any]:
+    def make() -> BatchPredict:
         from pipelines.keras_models import build_model, limit_threads, preprocess_fn
 
         limit_threads(run.threads)
@@ -274,10 +281,10 @@ def make_predict_fn(
         preprocess = preprocess_fn(run.model_name)
         logger.info("built %s (%dx%d) in this worker", run.model_name, run.size, run.size)
 
-        def predict(inputs: np.ndarray) -> Any:
-            out = np.asarray(model.predict_on_batch(preprocess(inputs)), dtype=np.float32)
+        def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+            out = np.asarray(model.predict_on_batch(preprocess(images)), dtype=np.float32)
             if not top_k:
-                return out
+                return {"values": out}
             order = np.argsort(-out, axis=1, kind="stable")[:, :top_k]
             return {
                 "indices": order.astype(np.int32),
@@ -289,23 +296,39 @@ def make_predict_fn(
     return make
 
 
-def valid_tensors(
-    dataset: DataFrame, input_col: str, run: ModelRun, tmp_col: str
+#: The outputs of :func:`make_predict_fn`: model output vectors, or top-K classes.
+VALUES = StructType([StructField("values", ArrayType(FloatType()))])
+TOP_K = StructType([
+    StructField("indices", ArrayType(IntegerType())),
+    StructField("probabilities", ArrayType(FloatType())),
+])
+
+
+def predict_images(
+    dataset: DataFrame, input_col: str, run: ModelRun, tmp_col: str, include_top: bool = False,
+    top_k: int = 0,
 ) -> DataFrame:
-    """``dataset`` plus ``tmp_col`` holding the tensors of valid images; invalid rows dropped
-    (``skip``) or failing the query with a message naming the column (``error``)."""
+    """``dataset`` plus ``tmp_col``: a struct of the model outputs (:data:`VALUES` or
+    :data:`TOP_K` fields) of each valid image. Rows with a null or undecodable image are dropped
+    (``skip``) or fail the query with a message naming the column (``error``).
+
+    One ``predict_batch_udf`` decodes and resizes the images and runs the model (see
+    :mod:`pipelines.tensors`): only the stored image bytes go to the Python workers.
+    """
     kind = input_kind(dataset.schema[input_col].dataType, input_col)
-    _warn_arrow_batch(dataset.sparkSession, run.size)
-    tensors = tensor_column(
-        F.col(input_col), kind, run.size, run.size, 3, run.method, deterministic=False
+    predict = image_predict_udf(
+        make_predict_fn(run, include_top, top_k), kind, (run.size, run.size, 3), run.method,
+        TOP_K if top_k else VALUES, run.batch_size,
+        cache_key=(run, include_top, top_k, _file_stamp(run)),
     )
-    df = dataset.withColumn(tmp_col, tensors)
+    df = dataset.withColumn(tmp_col, predict(*image_inputs(input_col, kind)))
+    invalid = F.col(tmp_col)[VALID] == 0
     if run.handle_invalid == "skip":
         logger.info(
             "rows of column %r with null or undecodable images are dropped (handleInvalid='skip')",
             input_col,
         )
-        return df.filter(F.col(tmp_col).isNotNull())
+        return df.filter(~invalid)
     where: Column = F.lit("")
     if kind == "struct":
         where = F.concat(F.lit(" origin="), F.coalesce(F.col(input_col).origin, F.lit("null")))
@@ -317,20 +340,16 @@ def valid_tensors(
         where,
     )
     return df.withColumn(
-        tmp_col, F.when(F.col(tmp_col).isNull(), F.raise_error(message)).otherwise(F.col(tmp_col))
+        tmp_col, F.when(invalid, F.raise_error(message)).otherwise(F.col(tmp_col))
     )
 
 
-def _warn_arrow_batch(spark: SparkSession, size: int) -> None:
-    rows = int(spark.conf.get("spark.sql.execution.arrow.maxRecordsPerBatch", "10000"))
-    batch_bytes = rows * size * size * 3 * 4
-    if rows <= 0 or batch_bytes > ARROW_BATCH_WARN_BYTES:
-        logger.warning(
-            "spark.sql.execution.arrow.maxRecordsPerBatch=%s makes Arrow batches of up to %d MB "
-            "of %dx%d tensors; set it to about %d to bound worker memory",
-            rows, batch_bytes // 2**20, size, size,
-            max(1, ARROW_BATCH_WARN_BYTES // (4 * size * size * 3 * 4)),
-        )
+def _file_stamp(run: ModelRun) -> tuple[int, int] | None:
+    """(mtime, size) of a local weights file: a file replaced in place gets a new model."""
+    if run.weights_shipped or run.weights in ("imagenet", "none"):
+        return None
+    stat = os.stat(run.weights)
+    return stat.st_mtime_ns, stat.st_size
 
 
 class DeepImageFeaturizer(
@@ -392,12 +411,6 @@ class DeepImageFeaturizer(
             "featurizing %r with %s at %dx%d, weights: %s",
             input_col, run.model_name, run.size, run.size, describe_weights(self.getWeights()),
         )
-        tmp = f"__tensor_{self.uid}"
-        df = valid_tensors(dataset, input_col, run, tmp)
-        features = predict_batch_udf(
-            make_predict_fn(run, include_top=False),
-            return_type=ArrayType(FloatType()),
-            batch_size=run.batch_size,
-            input_tensor_shapes=[[run.size, run.size, 3]],
-        )
-        return df.withColumn(output_col, array_to_vector(features(F.col(tmp)))).drop(tmp)
+        tmp = f"__features_{self.uid}"
+        df = predict_images(dataset, input_col, run, tmp)
+        return df.withColumn(output_col, array_to_vector(F.col(tmp)["values"])).drop(tmp)

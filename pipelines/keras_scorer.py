@@ -6,8 +6,9 @@ is shipped to the workers with ``SparkContext.addFile`` under a name derived fro
 and loaded once per Python worker by ``predict_batch_udf`` with Keras ``safe_mode=True`` (no code
 in the file is ever run). The driver loads it once too, to check it and read its input shape.
 
-Input: Spark's image struct or encoded image bytes (``binaryFile``'s ``content``), converted by
-:func:`pipelines.tensors.tensor_column` to the model's input height, width and channels.
+Input: Spark's image struct or encoded image bytes (``binaryFile``'s ``content``). One
+``predict_batch_udf`` (:func:`pipelines.tensors.image_predict_udf`) receives the stored images and
+converts each batch to the model's input height, width and channels right before ``predict``.
 Output: ``probabilityCol`` (a Spark ML vector of the model's outputs) and ``predictionCol``
 (the arg-max index as a double, as Spark ML classifiers give). Rows whose image is null or
 cannot be decoded get nulls in both.
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from pyspark import SparkFiles, keyword_only
 from pyspark.ml import Transformer
-from pyspark.ml.functions import array_to_vector, predict_batch_udf
+from pyspark.ml.functions import array_to_vector
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasInputCol, HasPredictionCol, HasProbabilityCol
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
@@ -33,7 +34,14 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-from pipelines.tensors import RESIZE_METHODS, input_kind, tensor_column
+from pipelines.tensors import (
+    RESIZE_METHODS,
+    VALID,
+    InputKind,
+    image_inputs,
+    image_predict_udf,
+    input_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,45 +131,49 @@ class KerasImageClassifier(Transformer, HasInputCol, HasProbabilityCol, HasPredi
         logger.info("scoring %r with %s (input %sx%sx%s, %s outputs, batch %s)",
                     column, path, height, width, channels, classes, batch_size)
 
-        size = height * width * channels
-        tensors = tensor_column(F.col(column), kind, height, width, channels, method)
-        zeros = F.array_repeat(F.lit(0.0).cast("float"), size)
-        scored = _predict_udf(file_name, height, width, channels, scale, batch_size)
-
+        scored = _predict_udf(file_name, kind, (height, width, channels), scale, batch_size,
+                              method)
         tmp = f"__keras_scorer_{self.uid}"
-        out = dataset.withColumn(f"{tmp}_x", tensors)
-        out = out.withColumn(f"{tmp}_y", scored(F.coalesce(F.col(f"{tmp}_x"), zeros)))
-        valid = F.col(f"{tmp}_x").isNotNull()
+        out = dataset.withColumn(tmp, scored(*image_inputs(column, kind)))
+        valid = F.col(tmp)[VALID] == 1
         out = out.withColumn(
-            prob_col, F.when(valid, array_to_vector(F.col(f"{tmp}_y.probability")))
+            prob_col, F.when(valid, array_to_vector(F.col(tmp)["probability"]))
         ).withColumn(
-            pred_col, F.when(valid, F.col(f"{tmp}_y.prediction").cast("double"))
+            pred_col, F.when(valid, F.col(tmp)["prediction"].cast("double"))
         )
-        return out.drop(f"{tmp}_x", f"{tmp}_y")
+        return out.drop(tmp)
 
 
-def _predict_udf(file_name: str, height: int, width: int, channels: int, scale: float,
-                 batch_size: int):
-    """The ``predict_batch_udf``; its closure holds plain values only (no ``self``)."""
+#: What the model side of the UDF returns per image (see :func:`_predict_udf`).
+OUTPUTS = StructType([
+    StructField("probability", ArrayType(FloatType()), True),
+    StructField("prediction", IntegerType(), True),
+])
+
+
+def _predict_udf(file_name: str, kind: InputKind, shape: tuple[int, int, int], scale: float,
+                 batch_size: int, method: str):
+    """The ``predict_batch_udf``; its closure holds plain values only (no ``self``).
+
+    ``file_name`` names the model by its content, so the same key means the same model: later
+    ``transform`` calls reuse the UDF, and workers keep the model loaded.
+    """
 
     def make_predict_fn():
         import keras  # on the worker; once per Python worker (predict_batch_udf caches it)
 
         model = keras.saving.load_model(SparkFiles.get(file_name), safe_mode=True, compile=False)
 
-        def predict(inputs: np.ndarray) -> dict[str, np.ndarray]:
-            batch = inputs.reshape(-1, height, width, channels).astype(np.float32) * scale
+        def predict(images: np.ndarray) -> dict[str, np.ndarray]:
+            batch = np.multiply(images, np.float32(scale), dtype=np.float32)
             outputs = np.asarray(model.predict_on_batch(batch), dtype=np.float32)
             return {"probability": outputs, "prediction": outputs.argmax(axis=1).astype(np.int32)}
 
         return predict
 
-    return_type = StructType([
-        StructField("probability", ArrayType(FloatType()), True),
-        StructField("prediction", IntegerType(), True),
-    ])
-    return predict_batch_udf(make_predict_fn, return_type=return_type, batch_size=batch_size,
-                             input_tensor_shapes=[[height * width * channels]])
+    return image_predict_udf(make_predict_fn, kind, shape, method, OUTPUTS, batch_size,
+                             cache_key=("keras_scorer", file_name, shape, scale, batch_size,
+                                        method))
 
 
 def stage_model(spark: SparkSession, path: str) -> tuple[str, str]:

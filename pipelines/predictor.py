@@ -25,34 +25,26 @@ import numpy as np
 import pandas as pd
 from pyspark import keyword_only
 from pyspark.ml import Transformer
-from pyspark.ml.functions import array_to_vector, predict_batch_udf
+from pyspark.ml.functions import array_to_vector
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
+from pyspark.sql.types import ArrayType, FloatType
 
 from pipelines.featurizer import (
     DeepImageParams,
     describe_weights,
     local_path,
-    make_predict_fn,
+    predict_images,
     resolve_run,
     ship_weights,
-    valid_tensors,
 )
 from pipelines.keras_models import IMAGENET_CLASS_INDEX, IMAGENET_CLASSES, MODELS, get_spec
 from pipelines.tensors import RESIZE_METHODS, to_batch
 
 logger = logging.getLogger(__name__)
-
-TOP_K_TYPE = StructType(
-    [
-        StructField("indices", ArrayType(IntegerType())),
-        StructField("probabilities", ArrayType(FloatType())),
-    ]
-)
 
 
 def load_class_names(path: str, classes: int = IMAGENET_CLASSES) -> list[str] | None:
@@ -163,23 +155,12 @@ class DeepImagePredictor(
             "predicting %r with %s at %dx%d, weights: %s",
             input_col, run.model_name, run.size, run.size, describe_weights(self.getWeights()),
         )
-        tmp = f"__tensor_{self.uid}"
-        df = valid_tensors(dataset, input_col, run, tmp)
-        shapes = [[run.size, run.size, 3]]
+        tmp = f"__predictions_{self.uid}"
+        df = predict_images(dataset, input_col, run, tmp, include_top=True,
+                            top_k=top_k if decode else 0)
         if not decode:
-            probabilities = predict_batch_udf(
-                make_predict_fn(run, include_top=True), return_type=ArrayType(FloatType()),
-                batch_size=run.batch_size, input_tensor_shapes=shapes,
-            )
-            return df.withColumn(output_col, array_to_vector(probabilities(F.col(tmp)))).drop(tmp)
-        top = predict_batch_udf(
-            make_predict_fn(run, include_top=True, top_k=top_k), return_type=TOP_K_TYPE,
-            batch_size=run.batch_size, input_tensor_shapes=shapes,
-        )
-        # Spark cannot run a Python UDF inside a higher-order function: materialise it first.
-        tmp_top = f"__top_{self.uid}"
-        df = df.withColumn(tmp_top, top(F.col(tmp)))
-        return df.withColumn(output_col, _decoded(F.col(tmp_top), names)).drop(tmp, tmp_top)
+            return df.withColumn(output_col, array_to_vector(F.col(tmp)["values"])).drop(tmp)
+        return df.withColumn(output_col, _decoded(F.col(tmp), names)).drop(tmp)
 
 
 def _decoded(top: Column, names: list[str] | None) -> Column:

@@ -1,37 +1,51 @@
-"""Image column -> fixed-size numeric tensors, for model inference on executors.
+"""Raw image inputs -> model-ready numpy batches, decoded inside one ``predict_batch_udf``.
 
-Both the featurizer and the Keras scorer feed ``predict_batch_udf`` from a column of flattened
-float32 tensors of one shape. This module makes that column from either kind of image input this
-project accepts:
+The featurizer, the predictor and the Keras scorer run a model on an image column of either kind
+this project accepts:
 
 * Spark's image struct (any 8-bit mode; BGR(A) as Spark stores it is turned into RGB), or
 * raw encoded image bytes (PNG, JPEG, ... as ``spark.read.format("binaryFile")`` gives).
 
+:func:`image_predict_udf` builds one ``pyspark.ml.functions.predict_batch_udf`` that receives the
+raw inputs (the struct's fields, or the bytes) and decodes, converts and resizes each batch of
+``batch_size`` images inside the predict function, right before the model runs. Only the stored
+uint8 pixels (or encoded bytes) cross from the JVM to Python, once; no float tensor column is
+ever materialised, and each Spark task needs one Python worker (one model), not two.
+
 Images are converted to the wanted channel count (gray -> RGB replicates, RGB -> gray uses the
-ITU-R 601 luma like PIL), resized when their size differs, and returned as float32 pixel values in
-[0, 255] (model-specific preprocessing is the caller's). A null or undecodable image gives a null
-tensor, so callers can drop or reject such rows the way Spark's ``dropInvalid`` does.
+ITU-R 601 luma like PIL) and resized when their size differs. A null or undecodable image is not
+fed to the model: its row gets ``valid = 0`` (and zeros in the outputs), so callers can drop,
+null or reject such rows the way Spark's ``dropInvalid`` does.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
+from pyspark.ml.functions import predict_batch_udf
 from pyspark.sql import Column
-from pyspark.sql.functions import pandas_udf
-from pyspark.sql.types import ArrayType, BinaryType, DataType, FloatType
+from pyspark.sql import functions as F
+from pyspark.sql.types import BinaryType, DataType, IntegerType, StructField, StructType
 
-from pipelines.images import decode_image, is_image_struct, struct_to_array, to_rgb
+from pipelines.images import IMAGE_STRUCT, decode_image, is_image_struct, struct_to_array, to_rgb
 
 logger = logging.getLogger(__name__)
 
 #: scaleHint / resize method names -> PIL resampling filters.
 RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos", "area")
 InputKind = Literal["struct", "binary"]
+#: The struct fields sent to Python, in the order the predict function takes them.
+STRUCT_FIELDS = tuple(IMAGE_STRUCT.fieldNames())
+#: Field of every :func:`image_predict_udf` result: 1 for a valid image, 0 for null/undecodable.
+VALID = "valid"
+#: UDFs already built, by the caller's key (see :func:`image_predict_udf`).
+_UDFS: dict[Hashable, Callable[..., Column]] = {}
+
+#: The model side of :func:`image_predict_udf`: uint8 (N, H, W, C) RGB -> output name -> array.
+BatchPredict = Callable[[np.ndarray], Mapping[str, np.ndarray]]
 
 
 def input_kind(data_type: DataType, column: str) -> InputKind:
@@ -50,28 +64,34 @@ def input_kind(data_type: DataType, column: str) -> InputKind:
     )
 
 
-def to_array(value: Any, kind: InputKind) -> np.ndarray:
-    """One image (struct as dict/Row, or bytes) -> uint8 array (H, W, C) in RGB(A) order."""
-    if kind == "struct":
-        return to_rgb(struct_to_array(value))
-    return decode_image(bytes(value))
+def image_array(value: Any, kind: InputKind) -> np.ndarray | None:
+    """One image (struct as dict/Row, or bytes) -> uint8 (H, W, C) RGB(A); None when invalid."""
+    if value is None:
+        return None
+    try:
+        if kind == "struct":
+            return to_rgb(struct_to_array(value))
+        return decode_image(bytes(value))
+    except ValueError as exc:
+        logger.warning("skipping an invalid image: %s", exc)
+        return None
 
 
 def fit_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    """Convert an RGB(A)/gray uint8 array (H, W, C) to ``channels`` (1 or 3) channels."""
-    have = array.shape[2]
+    """Convert an RGB(A)/gray uint8 array (..., C) to ``channels`` (1 or 3) channels."""
+    have = array.shape[-1]
     if have == channels:
         return array
     if have == 4:
-        array, have = array[:, :, :3], 3
+        array, have = array[..., :3], 3
         if channels == 3:
             return array
     if have == 1 and channels == 3:
-        return np.repeat(array, 3, axis=2)
+        return np.repeat(array, 3, axis=-1)
     if have == 3 and channels == 1:
         weights = np.array([299, 587, 114], dtype=np.uint32)
         luma = (array.astype(np.uint32) @ weights + 500) // 1000
-        return luma.astype(np.uint8)[:, :, None]
+        return luma.astype(np.uint8)[..., None]
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
 
@@ -96,19 +116,27 @@ def resize(array: np.ndarray, height: int, width: int, method: str = "bilinear")
     return out[:, :, None] if squeeze else out
 
 
-def to_tensor(
-    value: Any, kind: InputKind, height: int, width: int, channels: int, method: str
-) -> np.ndarray | None:
-    """One image -> float32 (height, width, channels) in [0, 255]; None when null/undecodable."""
-    if value is None:
-        return None
-    try:
-        array = to_array(value, kind)
-    except ValueError as exc:
-        logger.warning("skipping an invalid image: %s", exc)
-        return None
-    array = resize(fit_channels(array, channels), height, width, method)
-    return array.astype(np.float32)
+def fit_images(
+    arrays: Sequence[np.ndarray | None], height: int, width: int, channels: int,
+    method: str = "bilinear",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (None = invalid) -> (uint8 batch (n_valid, H, W, C), boolean validity mask).
+
+    Gray images are resized before they are replicated to 3 channels (a third of the work, the
+    same pixels); colour images meant for a gray model are converted first.
+    """
+    valid = np.array([a is not None for a in arrays], dtype=bool)
+    batch = np.empty((int(valid.sum()), height, width, channels), dtype=np.uint8)
+    i = 0
+    for array in arrays:
+        if array is None:
+            continue
+        if array.shape[-1] > channels:
+            batch[i] = resize(fit_channels(array, channels), height, width, method)
+        else:  # 1 -> 3 channels broadcasts on assignment
+            batch[i] = resize(array, height, width, method)
+        i += 1
+    return batch, valid
 
 
 def to_batch(
@@ -116,49 +144,93 @@ def to_batch(
     method: str = "bilinear",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Many images -> (float32 batch (N, H, W, C) of the valid ones, boolean validity mask)."""
-    tensors = [to_tensor(v, kind, height, width, channels, method) for v in values]
-    valid = np.array([t is not None for t in tensors], dtype=bool)
-    good = [t for t in tensors if t is not None]
-    batch = np.stack(good) if good else np.zeros((0, height, width, channels), np.float32)
-    return batch, valid
+    batch, valid = fit_images([image_array(v, kind) for v in values], height, width, channels,
+                              method)
+    return batch.astype(np.float32), valid
 
 
-def tensor_column(
-    col: Column | str, kind: InputKind, height: int, width: int, channels: int,
-    method: str = "bilinear", deterministic: bool = True,
-) -> Column:
-    """A column of flattened float32 tensors (length height*width*channels), null when invalid.
+def image_inputs(column: str, kind: InputKind) -> list[Column]:
+    """The columns :func:`image_predict_udf` takes: the struct's fields, or the bytes column."""
+    if kind == "struct":
+        return [F.col(column)[field] for field in STRUCT_FIELDS]
+    return [F.col(column)]
 
-    Runs as an Arrow-batched pandas UDF; the closure captures plain values only. With
-    ``deterministic=False`` the optimizer never copies the UDF into a filter or a later UDF
-    (Spark would otherwise decode every image twice when the caller filters on the column).
+
+def decode_inputs(
+    inputs: Sequence[np.ndarray], kind: InputKind, height: int, width: int, channels: int,
+    method: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of raw inputs (columns as numpy) -> :func:`fit_images` of the decoded images."""
+    if kind == "struct":  # a null int field arrives as NaN; struct_to_array rejects it
+        values: Iterable[Any] = (dict(zip(STRUCT_FIELDS, row, strict=True))
+                                 for row in zip(*inputs, strict=True))
+    else:
+        values = inputs[0]
+    return fit_images([image_array(v, kind) for v in values], height, width, channels, method)
+
+
+def image_predict_udf(
+    make_predict: Callable[[], BatchPredict], kind: InputKind, shape: tuple[int, int, int],
+    method: str, outputs: StructType, batch_size: int, cache_key: Hashable | None = None,
+) -> Callable[..., Column]:
+    """A ``predict_batch_udf`` from raw image inputs to ``outputs`` plus an int ``valid`` field.
+
+    Call the result on :func:`image_inputs`. ``make_predict`` runs once per Python worker (it
+    loads the model; capture plain values only) and returns a function from a uint8 RGB batch
+    (N, H, W, C) to a dict with one array per field of ``outputs``. Invalid rows are not
+    predicted: they get ``valid = 0`` and zeros. The UDF is non-deterministic so that Spark never
+    copies it into a filter on its result (which would run the model twice).
+
+    Args:
+        shape: the model's (height, width, channels), channels 1 or 3.
+        cache_key: plain values identifying the model and every argument; the same key returns
+            the same UDF, so Python workers keep the model loaded from one ``transform`` to the
+            next (``predict_batch_udf`` caches models by UDF).
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method must be one of {RESIZE_METHODS}. Received: {method!r}")
     if kind not in ("struct", "binary"):
         raise ValueError(f"kind must be 'struct' or 'binary'. Received: {kind!r}")
+    if cache_key is not None and (kind, cache_key) in _UDFS:
+        return _UDFS[(kind, cache_key)]
+    height, width, channels = shape
+    names = outputs.fieldNames()
 
-    def convert(values: Iterable[Any]) -> pd.Series:
-        out = []
-        for value in values:
-            tensor = to_tensor(value, kind, height, width, channels, method)
-            out.append(None if tensor is None else tensor.reshape(-1))
-        return pd.Series(out, dtype=object)
+    def make() -> Callable[..., dict[str, np.ndarray]]:
+        predict = make_predict()
 
-    if kind == "struct":
-        # A struct column arrives as a DataFrame of its fields; a null struct as a row of nulls.
-        @pandas_udf(ArrayType(FloatType()))
-        def _from_structs(batches: Iterator[pd.DataFrame]) -> Iterator[pd.Series]:
-            for batch in batches:
-                yield convert(batch.to_dict("records"))
+        def run(inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+            images, valid = decode_inputs(inputs, kind, height, width, channels, method)
+            if len(images):
+                result = predict(images)
+            else:  # nothing valid: one blank image gives the output shapes
+                blank = predict(np.zeros((1, height, width, channels), np.uint8))
+                result = {name: np.asarray(blank[name])[:0] for name in names}
+            out = {VALID: valid.astype(np.int32)}
+            for name in names:
+                values = np.asarray(result[name])
+                if len(values) != len(valid):
+                    full = np.zeros((len(valid), *values.shape[1:]), dtype=values.dtype)
+                    full[valid] = values
+                    values = full
+                out[name] = values
+            return out
 
-        udf = _from_structs
-    else:
+        # predict_batch_udf passes one numpy array per input column, by the function's arity.
+        if kind == "struct":
+            def predict_structs(origin, height_, width_, n_channels, mode, data):
+                return run((origin, height_, width_, n_channels, mode, data))
 
-        @pandas_udf(ArrayType(FloatType()))
-        def _from_bytes(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-            for batch in batches:
-                yield convert(batch)
+            return predict_structs
 
-        udf = _from_bytes
-    return (udf if deterministic else udf.asNondeterministic())(col)
+        def predict_bytes(data):
+            return run((data,))
+
+        return predict_bytes
+
+    return_type = StructType([*outputs.fields, StructField(VALID, IntegerType())])
+    udf = predict_batch_udf(make, return_type=return_type, batch_size=batch_size)
+    udf = udf.asNondeterministic()
+    if cache_key is not None:
+        _UDFS[(kind, cache_key)] = udf
+    return udf
