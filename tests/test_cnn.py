@@ -267,3 +267,12 @@ def test_training_pipeline_shifts_images_fresh_each_epoch_and_keeps_labels(image
         np.testing.assert_array_equal(labels, stored_labels)  # no shuffle: stored order
         assert not np.array_equal(images, stored[..., 0] / np.float32(255))
     assert not np.array_equal(epochs[0][0][0], epochs[1][0][0])
+
+
+def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"cnn\.in_memory_mb.*Received: cnn.in_memory_mb=-1"):
+        load_config(TEST_CONF, ["cnn.in_memory_mb=-1"])
+    bad = {**TINY, "shift_pixels": -2}
+    with pytest.raises(ConfigError, match=r"shift_pixels.*Received"):
+        load_config(TEST_CONF, ["cnn.architecture=bad",
+                                f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
