@@ -1,7 +1,8 @@
 """The train_cnn job: a Keras CNN trained on the driver from image Parquet.
 
-Data streams from Parquet through Arrow record batches into ``tf.data`` (:mod:`pipelines.cnn_data`);
-the architecture is data (:mod:`pipelines.architectures`). Each epoch is validated on the
+Data comes from Parquet through Arrow record batches into ``tf.data`` (:mod:`pipelines.cnn_data`):
+held in memory when the train and validation splits fit ``cnn.in_memory_mb``, else streamed each
+epoch; the architecture is data (:mod:`pipelines.architectures`). Each epoch is validated on the
 validation split; training stops early when ``cnn.monitor`` stops improving; the best epoch's
 weights are kept. The run is resumable: at every epoch end Keras' ``BackupAndRestore`` saves the
 weights, the optimizer state and the epoch in ``cnn.checkpoint_dir``, and a rerun with the same
@@ -131,9 +132,15 @@ def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
     text = summary_text(model)
     logger.info("cnn model summary:\n%s", text)
 
+    held_mb = (train.nbytes() + validation.nbytes()) / 2**20
+    in_memory = held_mb <= cfg.in_memory_mb
+    logger.info("cnn: train + validation images take %.1f MiB as uint8: %s (cnn.in_memory_mb=%s)",
+                held_mb, "held in memory" if in_memory else "streamed from Parquet each epoch",
+                cfg.in_memory_mb)
     train_ds = make_dataset(train, batch_size, cfg.num_classes, cfg.read_batch_rows,
-                            cfg.shuffle_buffer, cfg.seed)
-    val_ds = make_dataset(validation, batch_size, cfg.num_classes, cfg.read_batch_rows)
+                            cfg.shuffle_buffer, cfg.seed, spec.shift_pixels, in_memory)
+    val_ds = make_dataset(validation, batch_size, cfg.num_classes, cfg.read_batch_rows,
+                          in_memory=in_memory)
     callbacks = _callbacks(cfg, work)
     fit_started = time.perf_counter()
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
@@ -165,6 +172,7 @@ def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
         "rows": counts,
         "epochs": epochs,
         "batch_size": batch_size,
+        "input": "in_memory" if in_memory else "streamed",
         "epochs_run": len(history.get("loss", [])),
         "resumed_from_epoch": resume_epoch,
         "best_epoch": best_epoch,

@@ -1,12 +1,18 @@
-"""Image Parquet -> ``tf.data`` for training on the driver, streamed in Arrow record batches.
+"""Image Parquet -> ``tf.data`` for training on the driver, in memory or streamed through Arrow.
 
 The driver reads the Parquet files itself with ``pyarrow.dataset`` (any filesystem pyarrow knows:
 local, ``hdfs://``, ``s3://``, ``gs://``), one split at a time, in record batches of
 ``read_batch_rows`` rows. Each batch's pixel buffer is reinterpreted as a ``uint8`` array
-(N, H, W, C) without a Python object per row; :func:`model_batches` shuffles them in a numpy
-buffer of ``shuffle_buffer`` rows and cuts model batches, which ``tf.data`` converts and
-prefetches. Memory is bounded by those settings, never by the size of the data set. Nothing is
-cached between epochs.
+(N, H, W, C) without a Python object per row. Two ways to feed epochs:
+
+* in memory (``in_memory=True``, chosen by the job when the splits fit ``cnn.in_memory_mb``):
+  the split is read once into one ``uint8`` array and every epoch is a seeded permutation of it;
+* streamed: every epoch re-reads the Parquet; :func:`model_batches` shuffles the rows in a numpy
+  buffer of ``shuffle_buffer`` rows and cuts model batches. Memory is bounded by those settings,
+  never by the size of the data set.
+
+Either way whole uint8 batches cross into ``tf.data``, optionally moved by :func:`random_shift`
+(training augmentation), and are converted to float and prefetched there.
 """
 
 from __future__ import annotations
@@ -116,6 +122,28 @@ class ImageSplit:
                 if batch.num_rows:
                     yield self.decode(batch, fragment.path)
 
+    def load(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole split as (uint8 images (n, H, W, C), int32 labels (n,)), in stored order.
+
+        Reads record batches of ``rows`` rows and copies each into one preallocated array: the
+        memory is the split's pixels once, plus one record batch.
+        """
+        n = self.count()
+        images = np.empty((n, self.height, self.width, self.channels), np.uint8)
+        labels = np.empty(n, np.int32)
+        end = 0
+        for x, y in self.batches(rows):
+            if end + len(x) > n:
+                raise ValueError(f"split {self.split!r} grew while it was read. Received more "
+                                 f"than the {n} rows counted")
+            images[end:end + len(x)], labels[end:end + len(y)] = x, y
+            end += len(x)
+        return images[:end], labels[:end]
+
+    def nbytes(self) -> int:
+        """Bytes the split takes in memory as uint8 model input."""
+        return self.count() * self.height * self.width * self.channels
+
     def decode(self, batch: pa.RecordBatch, where: str) -> tuple[np.ndarray, np.ndarray]:
         """A record batch of (label, data, height, width, channels) -> numpy arrays, zero-copy."""
         n = batch.num_rows
@@ -204,15 +232,54 @@ def model_batches(
         yield from cut(final=True)
 
 
+def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+    """Each image of a (n, H, W, C) batch moved by up to ``max_shift`` whole pixels per axis.
+
+    Offsets are drawn per image and axis from ``[-max_shift, max_shift]``; uncovered pixels are 0.
+    One padded copy and one gather: about 3 ms per 1,000 MNIST images on one core.
+    """
+    if max_shift <= 0:
+        return images
+    n, h, w, _ = images.shape
+    k = max_shift
+    padded = np.pad(images, ((0, 0), (k, k), (k, k), (0, 0)))
+    dy = rng.integers(0, 2 * k + 1, n)
+    dx = rng.integers(0, 2 * k + 1, n)
+    rows = (dy[:, None] + np.arange(h))[:, :, None]
+    cols = (dx[:, None] + np.arange(w))[:, None, :]
+    return padded[np.arange(n)[:, None, None], rows, cols]
+
+
+def memory_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Model batches of in-memory arrays: all rows in a permutation seeded by ``seed``, or in
+    stored order when ``seed`` is None (the last batch may be smaller)."""
+    if seed is None:
+        order = None
+    else:
+        order = np.random.default_rng(seed).permutation(len(images))
+    for start in range(0, len(images), batch_size):
+        if order is None:
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+        else:
+            pick = np.sort(order[start:start + batch_size])  # sorted: a faster gather
+            yield images[pick], labels[pick]
+
+
 def make_dataset(
     source: ImageSplit, batch_size: int, num_classes: int, read_rows: int,
-    shuffle_buffer: int | None = None, seed: int = 0,
+    shuffle_buffer: int | None = None, seed: int = 0, shift_pixels: int = 0,
+    in_memory: bool = False,
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of (float32 images in [0, 1], one-hot float32 labels) batches.
 
-    ``shuffle_buffer`` (training) shuffles file order and rows each epoch, reproducibly from
-    ``seed``; without it the order is the stored one. The cardinality is set from the Parquet
-    row count, so Keras shows progress and learning-rate schedules know the steps.
+    ``shuffle_buffer`` (training) shuffles the rows each epoch, reproducibly from ``seed``:
+    streamed, file order and a buffer of that many rows; ``in_memory``, the whole split (read
+    once, here). Without it the order is the stored one. ``shift_pixels`` moves every image by
+    a random offset (see :func:`random_shift`), a fresh one each epoch. The cardinality is set
+    from the Parquet row count, so Keras shows progress and learning-rate schedules know the
+    steps.
     """
     import tensorflow as tf
 
@@ -220,12 +287,21 @@ def make_dataset(
     if rows == 0:
         raise ValueError(f"no rows in split {source.split!r} of the inputs")
     h, w, c = source.height, source.width, source.channels
+    held = source.load(read_rows) if in_memory else None
+    shuffle = shuffle_buffer is not None
     epochs = iter(range(1 << 62))
 
     def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        epoch_seed = None if shuffle_buffer is None else seed * 1_000_003 + next(epochs)
-        yield from model_batches(source.batches(read_rows, epoch_seed), batch_size,
-                                 shuffle_buffer, epoch_seed)
+        epoch = next(epochs)
+        epoch_seed = seed * 1_000_003 + epoch if shuffle else None
+        if held is not None:
+            batches = memory_batches(*held, batch_size, epoch_seed)
+        else:
+            batches = model_batches(source.batches(read_rows, epoch_seed), batch_size,
+                                    shuffle_buffer, epoch_seed)
+        rng = np.random.default_rng([seed, epoch, 1])
+        for images, labels in batches:
+            yield random_shift(images, shift_pixels, rng), labels
 
     # Whole batches cross into TensorFlow: no per-image tf.data ops (unbatch/shuffle/batch
     # per element cost more than the training step of a small CNN on 2 cores).

@@ -83,6 +83,7 @@ def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rows"] == {"train": 120, "validation": 40, "test": 40}
     assert metrics["epochs_run"] == 1 and metrics["resumed_from_epoch"] is None
+    assert metrics["input"] == "in_memory"  # 200 tiny images fit cnn.in_memory_mb
     assert [c["support"] for c in metrics["test"]["per_class"]] == [4] * 10
     assert "Total params" in (out / "summary.txt").read_text()
     for png in ("training_curves.png", "confusion_matrix.png"):
@@ -96,11 +97,13 @@ def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
     assert np.trace(np.array(metrics["test"]["confusion_matrix"])) == round(top1 * 40)
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
 def test_input_pipeline_yields_the_stored_images_scaled_with_one_hot_labels(
-    image_parquet, digits
+    image_parquet, digits, in_memory
 ):
     source = open_split([image_parquet], "validation", (28, 28, 1))
-    dataset = make_dataset(source, batch_size=16, num_classes=10, read_rows=7)
+    dataset = make_dataset(source, batch_size=16, num_classes=10, read_rows=7,
+                           in_memory=in_memory)
     images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset], strict=True)
     images, labels = np.concatenate(images), np.concatenate(labels)
 
@@ -110,17 +113,52 @@ def test_input_pipeline_yields_the_stored_images_scaled_with_one_hot_labels(
     assert labels.sum() == 40
 
 
-def test_shuffled_pipeline_is_a_permutation_reproducible_from_the_seed(image_parquet):
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_shuffled_pipeline_is_a_permutation_reproducible_from_the_seed(image_parquet, in_memory):
     source = open_split([image_parquet], "train", (28, 28, 1))
 
-    def labels(seed):
-        dataset = make_dataset(source, 32, 10, read_rows=10, shuffle_buffer=50, seed=seed)
-        return np.concatenate([y.numpy().argmax(axis=1) for _, y in dataset])
+    def epochs(seed):
+        dataset = make_dataset(source, 32, 10, read_rows=10, shuffle_buffer=50, seed=seed,
+                               in_memory=in_memory)
+        return [np.concatenate([y.numpy().argmax(axis=1) for _, y in dataset])
+                for _ in range(2)]
 
-    first, again, other = labels(3), labels(3), labels(4)
+    (first, second), (again, _), (other, _) = epochs(3), epochs(3), epochs(4)
     np.testing.assert_array_equal(first, again)
-    assert not np.array_equal(first, other)
-    assert sorted(first.tolist()) == sorted(np.arange(120) % 10)
+    assert not np.array_equal(first, other) and not np.array_equal(first, second)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == sorted(np.arange(120) % 10)
+
+
+def test_in_memory_split_holds_every_stored_row_once(image_parquet, digits):
+    source = open_split([image_parquet], "train", (28, 28, 1))
+    images, labels = source.load(rows=7)
+    assert images.shape == (120, 28, 28, 1) and images.dtype == np.uint8
+    assert source.nbytes() == images.nbytes
+    # The ingest job put rows 40..159 of the train digits in the train split, in some order.
+    stored = {(int(y), x.tobytes()) for x, y in zip(images[..., 0], labels, strict=True)}
+    expected = {(int(y), x.tobytes()) for x, y in zip(
+        digits.train_images[40:], digits.train_labels[40:], strict=True)}
+    assert stored == expected
+
+
+def test_random_shift_moves_each_image_by_whole_pixels_within_the_limit():
+    from pipelines.cnn_data import random_shift
+
+    images = np.zeros((200, 9, 9, 1), np.uint8)
+    images[:, 4, 4] = 255  # one bright pixel in the centre
+    moved = random_shift(images, 2, np.random.default_rng(0))
+    assert moved.shape == images.shape and moved.dtype == np.uint8
+    rows, cols = np.nonzero(moved[..., 0])[1:]
+    assert (moved.reshape(200, -1) > 0).sum(axis=1).tolist() == [1] * 200  # moved, not blurred
+    offsets = set(zip((rows - 4).tolist(), (cols - 4).tolist(), strict=True))
+    assert offsets == {(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)}
+    again = random_shift(images, 2, np.random.default_rng(0))
+    np.testing.assert_array_equal(moved, again)
+    assert random_shift(images, 0, np.random.default_rng(0)) is images
+
+    edge = np.full((50, 4, 4, 1), 7, np.uint8)  # pixels moved in from outside are 0
+    shifted = random_shift(edge, 1, np.random.default_rng(1))
+    assert set(np.unique(shifted).tolist()) == {0, 7}
 
 
 def test_interrupted_training_resumes_from_the_saved_epoch(
@@ -128,7 +166,7 @@ def test_interrupted_training_resumes_from_the_saved_epoch(
 ):
     monkeypatch.setenv(ENV_POINTS, "cnn.epoch=raise")
     monkeypatch.setenv(ENV_DIR, str(tmp_path / "failpoints"))
-    config = _config(tmp_path, image_parquet, "cnn.epochs=3")
+    config = _config(tmp_path, image_parquet, "cnn.epochs=3", "cnn.in_memory_mb=0")
 
     with pytest.raises(InjectedFault):  # fails at the end of epoch 1
         run_train_cnn(spark, config)
@@ -138,6 +176,7 @@ def test_interrupted_training_resumes_from_the_saved_epoch(
     metrics = json.loads((tmp_path / "cnn" / "metrics.json").read_text())
     assert metrics["resumed_from_epoch"] == 1
     assert metrics["epochs_run"] == 3
+    assert metrics["input"] == "streamed"  # cnn.in_memory_mb=0: read from Parquet each epoch
     with (tmp_path / "cnn" / "history.csv").open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1, 2]
 
@@ -215,3 +254,25 @@ def test_model_batches_cut_every_row_once_and_shuffle_reproducibly():
     assert again.tolist() == rows.tolist()
     for x, y in shuffled:
         assert (x[:, 0, 0, 0] == y.astype(np.uint8)).all()  # images stay with their labels
+
+
+def test_training_pipeline_shifts_images_fresh_each_epoch_and_keeps_labels(image_parquet):
+    source = open_split([image_parquet], "validation", (28, 28, 1))
+    stored, stored_labels = source.load(rows=64)
+    dataset = make_dataset(source, 16, 10, read_rows=64, shift_pixels=2, in_memory=True)
+    epochs = [[(x.numpy(), y.numpy()) for x, y in dataset] for _ in range(2)]
+    for epoch in epochs:
+        images = np.concatenate([x for x, _ in epoch])[..., 0]
+        labels = np.concatenate([y for _, y in epoch]).argmax(axis=1)
+        np.testing.assert_array_equal(labels, stored_labels)  # no shuffle: stored order
+        assert not np.array_equal(images, stored[..., 0] / np.float32(255))
+    assert not np.array_equal(epochs[0][0][0], epochs[1][0][0])
+
+
+def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"cnn\.in_memory_mb.*Received: cnn.in_memory_mb=-1"):
+        load_config(TEST_CONF, ["cnn.in_memory_mb=-1"])
+    bad = {**TINY, "shift_pixels": -2}
+    with pytest.raises(ConfigError, match=r"shift_pixels.*Received"):
+        load_config(TEST_CONF, ["cnn.architecture=bad",
+                                f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
