@@ -30,6 +30,7 @@ class Storage:
             raise RuntimeError("Storage is driver-only; it was created inside a Spark task")
         self._jvm = spark.sparkContext._jvm
         self._hconf = spark.sparkContext._jsc.hadoopConfiguration()
+        self._sc = spark.sparkContext
 
     def _path(self, path: str):
         jpath = self._jvm.org.apache.hadoop.fs.Path(path)
@@ -151,9 +152,27 @@ class Storage:
         try:
             yield tmp
         except BaseException:
+            # When one task fails, Spark kills the job's other tasks asynchronously: wait until
+            # they have stopped, or one could write into the folder after it was removed.
+            self.wait_for_running_tasks()
             self.delete(tmp)
             raise
         self.publish_dir(tmp, final)
+
+    def wait_for_running_tasks(self, timeout_s: float = 60.0) -> bool:
+        """Wait until no executor runs a task (True), or ``timeout_s`` passed (False)."""
+        import time
+
+        tracker = self._sc._jsc.sc().statusTracker()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            infos = tracker.getExecutorInfos()
+            if all(info.numRunningTasks() == 0 for info in infos):
+                return True
+            if time.monotonic() > deadline:
+                logger.warning("tasks still running %.0f s after the failure", timeout_s)
+                return False
+            time.sleep(0.2)
 
     def remove_leftovers(self, final: str) -> None:
         """Delete ``<final>._tmp-*`` and ``<final>._old-*`` left by runs that were killed."""
