@@ -121,7 +121,7 @@ def decode_image(data: bytes, origin: str = "") -> np.ndarray:
     """
     array = _decode_plain_png(data)
     if array is None:
-        array = np.asarray(decode_pil(data, origin), dtype=np.uint8)
+        array = np.asarray(_decode_with_pil(data, origin), dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -131,13 +131,17 @@ def decode_pil(data: bytes, origin: str = ""):
     Raises:
         ValueError: the bytes are empty or not a decodable image.
     """
+    from PIL import Image
+
+    array = _decode_plain_png(data)
+    return _decode_with_pil(data, origin) if array is None else Image.fromarray(array)
+
+
+def _decode_with_pil(data: bytes, origin: str):
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ValueError(f"image bytes are empty (origin={origin!r})")
-    array = _decode_plain_png(data)
-    if array is not None:
-        return Image.fromarray(array)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
