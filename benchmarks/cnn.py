@@ -26,7 +26,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,16 +80,14 @@ class EpochTimer:
         self.callback = _T()
 
 
-def bench_fit(spec, rows_path, args) -> Iterator[dict | None]:
-    """Epoch time of fit fed by the job's pipeline (in memory, as the job picks for data within
-    ``cnn.in_memory_mb``; and streamed, as for larger data) vs fit on numpy arrays in memory.
+def bench_fit(spec, rows_path, args, feeds: tuple[str, ...]) -> dict[str, list[float]]:
+    """Epoch times of fit fed by each of ``feeds``, timed in turns.
 
-    Each feed runs ``--repeats`` fits of ``--epochs`` epochs; the first epoch of every fit is
-    dropped. On the 2-core development machine epoch times are bimodal whatever the feed (the
-    same CPU time spread over two cores, or over one, for ~2x the wall time), so beside the ratio
-    of medians the ratio of the fastest epochs is reported: the feed's own cost without that
-    noise. A generator in two steps: the first ``next`` times in memory and numpy, the second
-    the streamed feed and returns the report.
+    Feeds: ``in_memory`` (the job's pipeline for data within ``cnn.in_memory_mb``),
+    ``streamed`` (the job's pipeline for larger data), ``numpy`` (fit on numpy arrays in
+    memory, the baseline). Each feed runs ``--repeats`` fits of ``--epochs`` epochs, the feeds
+    taking turns in alternating order so drifting load hits them alike; the first epoch of
+    every fit is dropped.
     """
     import keras
 
@@ -98,7 +95,6 @@ def bench_fit(spec, rows_path, args) -> Iterator[dict | None]:
     x, y = load_numpy(source)
     x = x.astype(np.float32) / 255.0
     y = keras.utils.to_categorical(y, 10)
-    feeds = ("in_memory", "numpy", "streamed")
     results: dict[str, list[float]] = {name: [] for name in feeds}
 
     def fit(name: str) -> None:
@@ -116,18 +112,19 @@ def bench_fit(spec, rows_path, args) -> Iterator[dict | None]:
         results[name] += timer.times[1:]
         keras.backend.clear_session()
 
-    # In memory and numpy take turns, so drifting load hits both alike.
     for repeat in range(args.repeats):
-        for name in (("in_memory", "numpy") if repeat % 2 == 0 else ("numpy", "in_memory")):
+        for name in (feeds if repeat % 2 == 0 else feeds[::-1]):
             fit(name)
-    # The streamed feed goes after both, and after scoring (see main): it runs a
-    # Dataset.from_generator, after which TensorFlow has lowered malloc's trim threshold for
-    # the whole process. No effect on speed was found (docs/cnn.md); this keeps it so.
-    yield
-    for _ in range(args.repeats):
-        fit("streamed")
-    median = {name: statistics.median(times) for name, times in results.items()}
-    report = {"rows": len(x), "epochs": args.epochs, "batch": args.batch,
+    return results
+
+
+def fit_report(times: dict[str, list[float]], rows: int, spec, args) -> dict:
+    """Medians and ratios against numpy. On the 2-core development machine epoch times are
+    bimodal whatever the feed (the same CPU time spread over two cores, or over one, for ~2x
+    the wall time), so beside the ratio of medians the ratio of the fastest epochs is given:
+    the feed's own cost without that noise."""
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"rows": rows, "epochs": args.epochs, "batch": args.batch,
             "repeats": args.repeats, "shift_pixels": spec.shift_pixels,
             "pipeline_epoch_s": round(median["in_memory"], 2),
             "numpy_epoch_s": round(median["numpy"], 2),
@@ -135,10 +132,9 @@ def bench_fit(spec, rows_path, args) -> Iterator[dict | None]:
             "ratio_pipeline_over_numpy": round(median["in_memory"] / median["numpy"], 3),
             "ratio_streamed_over_numpy": round(median["streamed"] / median["numpy"], 3),
             "ratio_fastest_pipeline_over_numpy": round(
-                min(results["in_memory"]) / min(results["numpy"]), 3),
+                min(times["in_memory"]) / min(times["numpy"]), 3),
             "target": "<= 1.15 (pipeline: the job's choice for data within cnn.in_memory_mb)",
-            "epoch_times": {k: [round(t, 2) for t in v] for k, v in results.items()}}
-    yield report
+            "epoch_times": {k: [round(t, 2) for t in v] for k, v in times.items()}}
 
 
 def memory_pass(architecture: str, path: str, in_memory: bool, epochs: int) -> dict:
@@ -268,12 +264,14 @@ def main() -> None:
     spec = resolve_architecture(load_config(None, [f"cnn.architecture={args.architecture}"]).cnn)
     rows_path = subset(args.images, args.rows, Path(tempfile.mkdtemp(prefix="cnn-bench-")))
     report = {"architecture": args.architecture, "load_average": os.getloadavg()}
-    # Everything that runs a Dataset.from_generator (the streamed feed, the memory pass) comes
-    # after the timings compared with targets (see bench_fit).
-    fit = bench_fit(spec, rows_path, args)
-    next(fit)
+    # What runs a Dataset.from_generator (the streamed feed, the memory passes) comes after the
+    # timings compared with targets: TensorFlow then lowers malloc's trim threshold for the
+    # whole process. No effect on speed was found (docs/cnn.md); this order keeps it so.
+    times = bench_fit(spec, rows_path, args, ("in_memory", "numpy"))
     report["score"] = bench_score(spec, args.images, args)
-    report["fit"] = next(fit)
+    times |= bench_fit(spec, rows_path, args, ("streamed",))
+    rows = open_split([rows_path], "train", tuple(spec.input_shape)).count()
+    report["fit"] = fit_report(times, rows, spec, args)
     report["memory"] = bench_memory(args, args.images)
     print(json.dumps(report, indent=2))
     fit, sc = report["fit"], report["score"]
