@@ -324,9 +324,9 @@ def memory_dataset(
     reproducible from the seed; without it, the stored order. ``shift_pixels`` moves each image
     by whole pixels as :func:`random_shift` does, fresh offsets every epoch.
 
-    No Python runs per batch (no ``Dataset.from_generator``): the in-memory path, the one MNIST
-    takes, leaves both cores to the training step, where the streamed feed's generator holds
-    one of them while it reads and shuffles.
+    No Python runs per batch (no ``Dataset.from_generator``): on the in-memory path, the one
+    MNIST takes, the training step has the cores to itself. Epochs fed by the streamed
+    generator were mostly the slower ones in benchmarks/cnn.py (docs/cnn.md).
     """
     import tensorflow as tf
 
