@@ -92,15 +92,16 @@ def bench_fit(spec, rows_path, args, feeds: tuple[str, ...]) -> dict[str, list[f
     import keras
 
     source = open_split([rows_path], "train", tuple(spec.input_shape))
-    x, y = load_numpy(source)
-    x = x.astype(np.float32) / 255.0
-    y = keras.utils.to_categorical(y, 10)
+    if "numpy" in feeds:
+        x, y = load_numpy(source)
+        x = x.astype(np.float32) / 255.0
+        y = keras.utils.to_categorical(y, 10)
     results: dict[str, list[float]] = {name: [] for name in feeds}
 
     def fit(name: str) -> None:
         keras.utils.set_random_seed(0)
         model = build_model(spec, 10)
-        compile_model(model, spec, -(-len(x) // args.batch), args.epochs)
+        compile_model(model, spec, -(-source.count() // args.batch), args.epochs)
         timer = EpochTimer()
         if name == "numpy":
             model.fit(x, y, batch_size=args.batch, epochs=args.epochs, shuffle=True,

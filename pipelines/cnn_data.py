@@ -18,6 +18,7 @@ Either way batches are converted to float in ``tf.data`` and prefetched there.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -84,6 +85,12 @@ class ImageSplit:
 
     def count(self) -> int:
         """Rows of this split in every input (from Parquet metadata, no data read)."""
+        return self._rows
+
+    @functools.cached_property
+    def _rows(self) -> int:
+        # Counted once: the job asks for it several times (counts, memory budget, dataset
+        # cardinality, in-memory load), each a read of every file's footer (remote on a cluster).
         return sum(d.count_rows(filter=self._filter) for d in self.datasets)
 
     def label_counts(self) -> dict[int, int]:

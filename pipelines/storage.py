@@ -9,6 +9,7 @@ output under the final name and never destroys the previous good one.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -161,8 +162,6 @@ class Storage:
 
     def wait_for_running_tasks(self, timeout_s: float = 60.0) -> bool:
         """Wait until no executor runs a task (True), or ``timeout_s`` passed (False)."""
-        import time
-
         tracker = self._sc._jsc.sc().statusTracker()
         deadline = time.monotonic() + timeout_s
         while True:
