@@ -33,6 +33,7 @@ test: install chromium
 
 lint: install
 	$(VENV)/bin/ruff check pipelines jobs tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/ingest_mnist.py

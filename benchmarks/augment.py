@@ -33,10 +33,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.augment import run_augment  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.images import encode_png  # noqa: E402
-from pipelines.session import build_session  # noqa: E402
+from pipelines.imaging.image_struct import encode_png  # noqa: E402
+from pipelines.run.session import build_session  # noqa: E402
+from pipelines.stages.augment import run_augment  # noqa: E402
 
 
 def write_png_tree(images_path: str, folder: Path) -> list[Path]:

@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.architectures import build_model, compile_model, resolve_architecture  # noqa: E402
-from pipelines.cnn_data import make_dataset, open_split  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
+from pipelines.ml.architectures import resolve_architecture  # noqa: E402
+from pipelines.ml.datasets import make_dataset, open_split  # noqa: E402
+from pipelines.ml.models import build_architecture, compile_model  # noqa: E402
 
 
 def rss_mb() -> float:
@@ -100,7 +100,7 @@ def bench_fit(spec, rows_path, args, feeds: tuple[str, ...]) -> dict[str, list[f
 
     def fit(name: str) -> None:
         keras.utils.set_random_seed(0)
-        model = build_model(spec, 10)
+        model = build_architecture(spec, 10)
         compile_model(model, spec, -(-source.count() // args.batch), args.epochs)
         timer = EpochTimer()
         if name == "numpy":
@@ -148,7 +148,7 @@ def memory_pass(architecture: str, path: str, in_memory: bool, epochs: int) -> d
     """
     import tensorflow as tf
 
-    spec = resolve_architecture(load_config(None, [f"cnn.architecture={architecture}"]).cnn)
+    spec = resolve_architecture(architecture)
     shape = tuple(spec.input_shape)
     for _ in tf.data.Dataset.from_generator(
             lambda: iter([np.zeros((8, *shape), np.uint8)]),
@@ -181,7 +181,7 @@ def bench_memory(args, images: str) -> dict:
     """
     import multiprocessing
 
-    spec = resolve_architecture(load_config(None, [f"cnn.architecture={args.architecture}"]).cnn)
+    spec = resolve_architecture(args.architecture)
     source = open_split([images], "train", tuple(spec.input_shape))
     report: dict = {"split_as_uint8_mb": round(source.nbytes() / 2**20, 1),
                     "split_as_float32_mb": round(source.nbytes() * 4 / 2**20, 1)}
@@ -205,11 +205,11 @@ def bench_score(spec, images_path: str, args) -> dict:
     import keras
     from pyspark.sql import SparkSession
 
-    from pipelines.keras_scorer import KerasImageClassifier
+    from pipelines.ml.classifier import KerasImageClassifier
 
     folder = Path(tempfile.mkdtemp(prefix="cnn-bench-model-"))
     keras.utils.set_random_seed(0)
-    model = build_model(spec, 10)
+    model = build_architecture(spec, 10)
     model.save(folder / "model.keras")
     shape = tuple(spec.input_shape)
 
@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--score-batch", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    spec = resolve_architecture(load_config(None, [f"cnn.architecture={args.architecture}"]).cnn)
+    spec = resolve_architecture(args.architecture)
     rows_path = subset(args.images, args.rows, Path(tempfile.mkdtemp(prefix="cnn-bench-")))
     report = {"architecture": args.architecture, "load_average": os.getloadavg()}
     # What runs a Dataset.from_generator (the streamed feed, the memory passes) comes after the

@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.architectures import build_model, compile_model, resolve_architecture  # noqa: E402
-from pipelines.cnn_data import open_split  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
+from pipelines.ml.architectures import resolve_architecture  # noqa: E402
+from pipelines.ml.datasets import open_split  # noqa: E402
+from pipelines.ml.models import build_architecture, compile_model  # noqa: E402
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
     data = None
     for name in names:
         cfg = load_config(args.config, [*args.set, f"cnn.architecture={name}"]).cnn
-        spec = resolve_architecture(cfg)
+        spec = resolve_architecture(cfg.architecture, cfg.architectures)
         if data is None:
             source = open_split([args.images], "train", tuple(spec.input_shape))
             images, labels = source.load(4096)
@@ -53,7 +54,7 @@ def main() -> None:
                     keras.utils.to_categorical(labels[:args.rows], cfg.num_classes))
         batch = args.batch or spec.batch_size
         keras.utils.set_random_seed(0)
-        model = build_model(spec, cfg.num_classes, name=name)
+        model = build_architecture(spec, cfg.num_classes, name=name)
         compile_model(model, spec, -(-args.rows // batch), args.rounds)
         model.fit(data[0][:batch * 2], data[1][:batch * 2], batch_size=batch, verbose=0)
         models[name] = (model, batch, spec.shift_pixels)

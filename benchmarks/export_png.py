@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.config import load_config  # noqa: E402
-from pipelines.export import run_export  # noqa: E402
-from pipelines.session import build_session  # noqa: E402
+from pipelines.run.session import build_session  # noqa: E402
+from pipelines.stages.export import run_export  # noqa: E402
 
 
 def load_arrays(path: Path, n: int) -> list[tuple[str, str, int, np.ndarray]]:

@@ -56,9 +56,9 @@ def main(argv=None) -> int:
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
 
-    from pipelines.featurizer import DeepImageFeaturizer
-    from pipelines.keras_models import build_model, preprocess_fn
-    from pipelines.tensors import to_batch
+    from pipelines.ml.featurizer import DeepImageFeaturizer
+    from pipelines.ml.inference import to_batch
+    from pipelines.ml.models import build_application, preprocess_fn
 
     spark = (
         SparkSession.builder.master(f"local[{max(2, args.partitions)}]")
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         structs = [r.image.asDict() for r in df.select("image").collect()]
 
         # Baseline: one process, TensorFlow's default threads, decode + resize + predict.
-        model = build_model(args.model, args.size, "none")
+        model = build_application(args.model, args.size, "none")
         preprocess = preprocess_fn(args.model)
 
         def baseline():
@@ -168,10 +168,10 @@ def tree_cpu_seconds(root: int | None = None) -> float:
 
 
 def _images(spark, path: str, count: int):
-    from pipelines.images import IMAGE_STRUCT, array_to_struct
+    from pipelines.imaging.image_struct import IMAGE_STRUCT, array_to_struct
 
     if os.path.exists(path):
-        from pipelines.ingest import read_images
+        from pipelines.stages.ingest import read_images
 
         return read_images(spark, path).filter("split = 'test'").select("image").limit(count)
     from pyspark.sql.types import StructField, StructType

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import load_config
-from pipelines.ingest import run_ingest
-from pipelines.mnist import FILE_NAMES, fetch_mnist
-from pipelines.session import build_session
+from pipelines.run.session import build_session
+from pipelines.stages.ingest import run_ingest
+from pipelines.stages.mnist import FILE_NAMES, fetch_mnist
 
 
 def bare_numpy_decode(folder: Path) -> int:

@@ -6,8 +6,8 @@
 
 import sys
 
-from pipelines.augment import run_augment
-from pipelines.cli import run_job
+from pipelines.run.cli import run_job
+from pipelines.stages.augment import run_augment
 
 
 def main(argv=None) -> int:

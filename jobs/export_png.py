@@ -8,8 +8,8 @@ the executors (any local path or URI: file://, hdfs://, s3a://...).
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.export import run_export
+from pipelines.run.cli import run_job
+from pipelines.stages.export import run_export
 
 
 def main(argv=None) -> int:

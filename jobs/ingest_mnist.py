@@ -6,8 +6,8 @@
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.ingest import run_ingest
+from pipelines.run.cli import run_job
+from pipelines.stages.ingest import run_ingest
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ it and the cause), 2 bad usage or configuration (nothing was started).
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.runner import add_pipeline_arguments, pipeline_job
+from pipelines.run.cli import run_job
+from pipelines.run.runner import add_pipeline_arguments, pipeline_job
 
 
 def main(argv=None) -> int:

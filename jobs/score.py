@@ -8,8 +8,8 @@
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.score import run_score
+from pipelines.run.cli import run_job
+from pipelines.stages.score import run_score
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,8 @@
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.cnn import run_train_cnn
+from pipelines.run.cli import run_job
+from pipelines.stages.train_cnn import run_train_cnn
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,8 @@ in the metrics and the log which weights were used (weights: none is NOT transfe
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.transfer import run_transfer
+from pipelines.run.cli import run_job
+from pipelines.stages.transfer import run_transfer
 
 
 def main(argv=None) -> int:

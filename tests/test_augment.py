@@ -15,10 +15,10 @@ import pytest
 from conftest import ROOT, TEST_CONF, make_digits
 from PIL import Image
 
-from pipelines.augment import run_augment
 from pipelines.config import load_config
-from pipelines.images import struct_to_array, to_rgb
-from pipelines.ingest import IMAGE_ROW_SCHEMA, images_to_arrow
+from pipelines.imaging.image_struct import struct_to_array, to_rgb
+from pipelines.stages.augment import run_augment
+from pipelines.stages.ingest import IMAGE_ROW_SCHEMA, images_to_arrow
 
 N_GREY = 12
 

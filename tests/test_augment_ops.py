@@ -9,8 +9,8 @@ import pytest
 from conftest import TEST_CONF
 from PIL import Image
 
-from pipelines.augment_ops import OPERATION_NAMES, Augmenter, parse_operations
 from pipelines.config import ConfigError, load_config
+from pipelines.imaging.augment_ops import OPERATION_NAMES, Augmenter, parse_operations
 
 #: Parameters for operations that have required ones; the rest run with defaults.
 PARAMS = {

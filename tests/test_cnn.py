@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from conftest import TEST_CONF, make_digits
 
-from pipelines.architectures import build_model, resolve_architecture
-from pipelines.cnn import OUTPUT_FILES, run_train_cnn
-from pipelines.cnn import train_cnn as train
-from pipelines.cnn_data import make_dataset, open_split
 from pipelines.config import Config, ConfigError, IngestConfig, load_config
 from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
-from pipelines.ingest import mnist_frame, write_image_parquet
-from pipelines.mnist import MnistArrays
+from pipelines.ml.architectures import resolve_architecture
+from pipelines.ml.datasets import make_dataset, open_split
+from pipelines.ml.models import build_architecture
+from pipelines.stages.ingest import mnist_frame, write_image_parquet
+from pipelines.stages.mnist import MnistArrays
+from pipelines.stages.train_cnn import OUTPUT_FILES, run_train_cnn
+from pipelines.stages.train_cnn import train_cnn as train
 
 TINY = {
     "input_shape": [28, 28, 1],
@@ -142,7 +143,7 @@ def test_in_memory_split_holds_every_stored_row_once(image_parquet, digits):
 
 
 def test_random_shift_moves_each_image_by_whole_pixels_within_the_limit():
-    from pipelines.cnn_data import random_shift
+    from pipelines.ml.datasets import random_shift
 
     images = np.zeros((200, 9, 9, 1), np.uint8)
     images[:, 4, 4] = 255  # one bright pixel in the centre
@@ -184,8 +185,8 @@ def test_interrupted_training_resumes_from_the_saved_epoch(
 def test_seed_architecture_is_the_notebook_model():
     import keras
 
-    spec = resolve_architecture(load_config(None, ["cnn.architecture=seed"]).cnn)
-    model = build_model(spec, 10)
+    spec = resolve_architecture("seed")
+    model = build_architecture(spec, 10)
     layers = [(type(x).__name__, getattr(x, "units", None) or getattr(x, "filters", None))
               for x in model.layers]
     assert layers == [("Conv2D", 32), ("Flatten", None), ("Dense", 128), ("Dense", 10)]
@@ -206,7 +207,7 @@ def test_unknown_layer_in_an_architecture_is_named(tmp_path):
     cfg = load_config(TEST_CONF, ["cnn.architecture=bad",
                                   f"cnn.architectures={{bad: {json.dumps(bad)}}}"]).cnn
     with pytest.raises(ValueError, match=r"layers\[0\].*Received: \{'Conv9D'"):
-        build_model(resolve_architecture(cfg), 10)
+        build_architecture(resolve_architecture(cfg.architecture, cfg.architectures), 10)
 
 
 def test_images_that_do_not_fit_the_architecture_input_are_rejected(image_parquet, tmp_path):
@@ -236,7 +237,7 @@ def test_train_job_exits_2_on_a_bad_config_before_spark_starts():
 
 
 def test_model_batches_cut_every_row_once_and_shuffle_reproducibly():
-    from pipelines.cnn_data import model_batches
+    from pipelines.ml.datasets import model_batches
 
     def record_batches():
         for start in range(0, 1000, 300):  # record batches of 300, 300, 300, 100 rows

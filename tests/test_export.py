@@ -14,9 +14,9 @@ from conftest import ROOT, TEST_CONF, make_digits
 from pyspark.sql import functions as F
 
 from pipelines.config import ConfigError, load_config
-from pipelines.export import MANIFEST, run_export
-from pipelines.images import array_to_struct
-from pipelines.ingest import IMAGE_ROW_SCHEMA, image_folder_frame
+from pipelines.imaging.image_struct import array_to_struct
+from pipelines.stages.export import MANIFEST, run_export
+from pipelines.stages.ingest import IMAGE_ROW_SCHEMA, image_folder_frame
 
 
 def export_config(inp, out, *overrides):
@@ -258,7 +258,7 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(spark, images, tmp_path)
 
 @pytest.mark.slow
 def test_mnist_export_of_all_70000_images_round_trips(spark, request, tmp_path):
-    from pipelines.ingest import run_ingest
+    from pipelines.stages.ingest import run_ingest
 
     mnist_files = request.getfixturevalue("mnist_files")
     source = tmp_path / "images"

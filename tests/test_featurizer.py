@@ -16,11 +16,13 @@ from pyspark.ml.classification import LogisticRegression
 from pyspark.sql.types import BinaryType, IntegerType, StructField, StructType
 from pyspark.testing import assertDataFrameEqual
 
-from pipelines.featurizer import DeepImageFeaturizer
-from pipelines.images import IMAGE_STRUCT, array_to_struct, decode_image, encode_png
-from pipelines.keras_models import MODELS, build_model, preprocess_fn
-from pipelines.predictor import DeepImagePredictor, register_keras_image_udf
-from pipelines.tensors import resize, to_batch
+from pipelines.imaging.image_struct import IMAGE_STRUCT, array_to_struct, decode_image, encode_png
+from pipelines.imaging.resize import resize
+from pipelines.ml.applications import MODELS
+from pipelines.ml.featurizer import DeepImageFeaturizer
+from pipelines.ml.inference import to_batch
+from pipelines.ml.models import build_application, preprocess_fn
+from pipelines.ml.predictor import DeepImagePredictor, register_keras_image_udf
 
 SIZE = 32  # MobileNetV2's Keras minimum: fast to build and run
 TOL = 1e-4
@@ -33,7 +35,7 @@ def mobilenet(tmp_path_factory):
     Keras' default random init makes MobileNetV2's pooled features ~1e-13 (activations vanish
     through 50 layers), which would make any comparison pass; He-scaled kernels keep them O(1).
     """
-    model = build_model("MobileNetV2", SIZE, "none")
+    model = build_application("MobileNetV2", SIZE, "none")
     rng = np.random.default_rng(0)
     for weight in model.weights:
         if "kernel" not in weight.path:
@@ -125,9 +127,9 @@ def test_inceptionv3_gives_2048_features_at_its_minimum_size(spark, digits_df):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_registry_feature_dim_and_minimum_size_match_keras(name):
     spec = MODELS[name]
-    assert build_model(name, spec.min_size, "none").output_shape == (None, spec.feature_dim)
+    assert build_application(name, spec.min_size, "none").output_shape == (None, spec.feature_dim)
     with pytest.raises(ValueError):
-        build_model(name, spec.min_size - 1, "none")
+        build_application(name, spec.min_size - 1, "none")
 
 
 def test_featurizer_save_load_keeps_uid_and_every_param(tmp_path, mobilenet):

@@ -4,7 +4,7 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines.idx import IdxFormatError, encode_idx, parse_idx, read_idx, write_idx
+from pipelines.io.idx import IdxFormatError, encode_idx, parse_idx, read_idx, write_idx
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ from PIL import Image
 from pyspark.sql import functions as F
 
 from pipelines.config import load_config
-from pipelines.images import struct_to_array
-from pipelines.ingest import image_folder_frame, read_images, run_ingest, write_image_parquet
-from pipelines.mnist import TEST_LABEL_COUNTS, load_mnist
+from pipelines.imaging.image_struct import struct_to_array
+from pipelines.stages.ingest import image_folder_frame, read_images, run_ingest, write_image_parquet
+from pipelines.stages.mnist import TEST_LABEL_COUNTS, load_mnist
 
 
 def _config(tmp_path, *overrides):
@@ -33,7 +33,7 @@ def test_ingest_writes_splits_ids_labels_and_exact_pixels(spark, tmp_path, tiny_
     df = spark.read.parquet(config.ingest.output)
     assert df.columns == ["id", "label", "image", "split"]
     rows = {r.id: r for r in df.collect()}
-    from pipelines.idx import read_idx
+    from pipelines.io.idx import read_idx
 
     train = read_idx(tiny_mnist_dir / "train-images-idx3-ubyte")
     labels = read_idx(tiny_mnist_dir / "train-labels-idx1-ubyte")

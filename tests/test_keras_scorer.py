@@ -11,11 +11,11 @@ from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import functions as F
 
 from pipelines.config import IngestConfig, load_config
-from pipelines.images import encode_png
-from pipelines.ingest import mnist_frame, write_image_parquet
-from pipelines.keras_scorer import KerasImageClassifier
-from pipelines.mnist import MnistArrays
-from pipelines.score import run_score
+from pipelines.imaging.image_struct import encode_png
+from pipelines.ml.classifier import KerasImageClassifier
+from pipelines.stages.ingest import mnist_frame, write_image_parquet
+from pipelines.stages.mnist import MnistArrays
+from pipelines.stages.score import run_score
 
 
 def _save(model, path) -> str:

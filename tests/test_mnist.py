@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipelines.config import load_config
-from pipelines.idx import IdxFormatError, write_idx
-from pipelines.mnist import (
+from pipelines.io.idx import IdxFormatError, write_idx
+from pipelines.stages.mnist import (
     IDX_SHA256,
     TEST_LABEL_COUNTS,
     MnistUnavailableError,
@@ -86,7 +86,7 @@ def mirror_servers(tmp_path, tiny_mnist_dir, monkeypatch):
     import http.server
     import threading
 
-    import pipelines.mnist as mnist
+    import pipelines.stages.mnist as mnist
 
     good, bad = tmp_path / "good", tmp_path / "bad"
     good.mkdir()

@@ -15,20 +15,20 @@ import pytest
 from PIL import Image
 
 from pipelines.config import load_config
-from pipelines.contact_sheet import render_sheet
-from pipelines.manifest import ManifestStore, build_manifest
-from pipelines.report import ARTIFACTS, find_weights, render_value
-from pipelines.runner import StageSpec, make_plan, run_pipeline
-from pipelines.storage import Storage
+from pipelines.imaging.contact_sheet import render_sheet
+from pipelines.io.storage import Storage
+from pipelines.run.manifest import ManifestStore, build_manifest
+from pipelines.run.report import ARTIFACTS, find_weights, render_value
+from pipelines.run.runner import StageSpec, make_plan, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 REGISTRY = (
-    StageSpec("ingest", "pipelines.ingest:run_ingest", ("mnist", "ingest"), (),
+    StageSpec("ingest", "pipelines.stages.ingest:run_ingest", ("mnist", "ingest"), (),
               ("mnist.local_dir",), ("ingest.output",)),
-    StageSpec("report", "pipelines.report:run_report", ("report",), ("ingest", "train_cnn"),
+    StageSpec("report", "pipelines.run.report:run_report", ("report",), ("ingest", "train_cnn"),
               (), ("report.output",)),
 )
 # Appended to a copy of the page: records, once everything loaded, each image's natural width.
@@ -121,7 +121,7 @@ def test_report_page_and_all_its_images_load_in_headless_chromium(finished_run, 
 
 def test_report_without_any_stage_output_says_so(spark, tmp_path):
     config = load_config(ROOT / "conf" / "test.yaml", [f"output_root={tmp_path / 'empty'}"])
-    from pipelines.report import run_report
+    from pipelines.run.report import run_report
 
     summary = run_report(spark, config)
     assert summary["images"] == 0 and "train_cnn" in summary["stages_not_run"]

@@ -15,7 +15,7 @@ import pytest
 from conftest import write_mnist_dir
 
 from pipelines.config import load_config
-from pipelines.ingest import run_ingest
+from pipelines.stages.ingest import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "run_pipeline.py"

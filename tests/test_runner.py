@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import StageFailed
 from pipelines.config import ConfigError, load_config
-from pipelines.ingest import run_ingest
-from pipelines.runner import STAGES, StageSpec, make_plan, run_pipeline
+from pipelines.run.cli import StageFailed
+from pipelines.run.runner import STAGES, StageSpec, make_plan, run_pipeline
+from pipelines.stages.ingest import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 REGISTRY = (
-    StageSpec("ingest", "pipelines.ingest:run_ingest", ("mnist", "ingest"), (),
+    StageSpec("ingest", "pipelines.stages.ingest:run_ingest", ("mnist", "ingest"), (),
               ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
     StageSpec("count", "stages_for_tests:count_labels", ("visualize",), ("ingest",),
               ("visualize.input",), ("visualize.output",)),

@@ -1,6 +1,6 @@
 import pytest
 
-from pipelines.storage import Storage
+from pipelines.io.storage import Storage
 
 
 def test_write_then_read_bytes_round_trip_without_side_files(spark, tmp_path):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from pyspark.sql.types import ArrayType, FloatType, StructField, StructType
 
-from pipelines.images import array_to_struct, encode_png, from_rgb
-from pipelines.tensors import STRUCT_FIELDS, decode_inputs, image_predict_udf, resize
+from pipelines.imaging.image_struct import array_to_struct, encode_png, from_rgb
+from pipelines.imaging.resize import resize
+from pipelines.ml.inference import STRUCT_FIELDS, decode_inputs, image_predict_udf
 
 
 def struct_columns(structs: list[dict | None]) -> list[np.ndarray]:

@@ -12,9 +12,9 @@ from pyspark.ml import PipelineModel
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 
 from pipelines.config import ConfigError, load_config
-from pipelines.images import array_to_struct
-from pipelines.ingest import IMAGE_ROW_SCHEMA
-from pipelines.transfer import classification_metrics, run_transfer
+from pipelines.imaging.image_struct import array_to_struct
+from pipelines.stages.ingest import IMAGE_ROW_SCHEMA
+from pipelines.stages.transfer import classification_metrics, run_transfer
 
 
 def load_job():
@@ -113,8 +113,8 @@ def test_transfer_job_exits_2_on_bad_config_before_spark_starts():
 
 @pytest.mark.slow
 def test_transfer_job_on_real_mnist_subset(spark, tmp_path, mnist_files):
-    from pipelines.ingest import mnist_frame, write_image_parquet
-    from pipelines.mnist import load_mnist
+    from pipelines.stages.ingest import mnist_frame, write_image_parquet
+    from pipelines.stages.mnist import load_mnist
 
     config = load_config(TEST_CONF, [f"ingest.output={tmp_path / 'images'}"])
     write_image_parquet(spark, mnist_frame(spark, load_mnist(mnist_files), 5000), config.ingest)

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from pipelines.config import load_config
-from pipelines.ingest import run_ingest
-from pipelines.visualize import run_visualize, sample_per_class, sample_rows
+from pipelines.stages.ingest import run_ingest
+from pipelines.stages.visualize import run_visualize, sample_per_class, sample_rows
 
 
 @pytest.fixture

@@ -33,7 +33,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.functions import pandas_udf
 from pyspark.sql.types import ArrayType, FloatType
 
-from pipelines.featurizer import (
+from pipelines.imaging.resize import RESIZE_METHODS
+from pipelines.ml.applications import IMAGENET_CLASS_INDEX, IMAGENET_CLASSES, MODELS, get_spec
+from pipelines.ml.featurizer import (
     DeepImageParams,
     describe_weights,
     local_path,
@@ -41,8 +43,7 @@ from pipelines.featurizer import (
     resolve_run,
     ship_weights,
 )
-from pipelines.keras_models import IMAGENET_CLASS_INDEX, IMAGENET_CLASSES, MODELS, get_spec
-from pipelines.tensors import RESIZE_METHODS, to_batch
+from pipelines.ml.inference import to_batch
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class DeepImagePredictor(
 
     Args:
         inputCol, outputCol, modelName, scaleHint, inputSize, weights, batchSize, threads,
-        handleInvalid: as for :class:`pipelines.featurizer.DeepImageFeaturizer`. With
+        handleInvalid: as for :class:`pipelines.ml.featurizer.DeepImageFeaturizer`. With
             ``weights="imagenet"`` the input size must be the model's native size.
         decodePredictions: top-K ``(classIndex, label, probability)`` structs instead of the full
             1000-class probability vector.
@@ -195,12 +196,12 @@ def register_keras_image_udf(
     Args:
         spark: the session to register in.
         name: the SQL function name.
-        model: a model name of :data:`pipelines.keras_models.MODELS` (the full classifier, with
+        model: a model name of :data:`pipelines.ml.applications.MODELS` (the full classifier, with
             ``weights``), or a saved Keras model file (``.keras``/``.h5``: local path, cluster URI
             or URL) whose input is (H, W, 1 or 3).
         weights: for a model name: ``imagenet``, ``none`` or a weights file.
         input_size: for a model name: input height = width (0 = native).
-        scale_hint: resize method, one of :data:`pipelines.tensors.RESIZE_METHODS`.
+        scale_hint: resize method, one of :data:`pipelines.ml.inference.RESIZE_METHODS`.
         preprocessor: for a model file: a model name whose ``preprocess_input`` to apply, a
             picklable function on float32 [0, 255] batches, or None (feed [0, 255] as is).
         batch_size: images per model call.
@@ -215,7 +216,7 @@ def register_keras_image_udf(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0. Received: batch_size={batch_size}")
     if model in MODELS:
-        from pipelines.keras_models import resolve_size
+        from pipelines.ml.applications import resolve_size
 
         size = resolve_size(get_spec(model), input_size)
         source, shipped = ship_weights(spark, weights, model)
@@ -253,9 +254,9 @@ def register_keras_image_udf(
 
 def _application_builder(model: str, size: int, source: str, shipped: bool) -> Callable[[], Any]:
     def build() -> Any:
-        from pipelines.keras_models import build_model, preprocess_fn
+        from pipelines.ml.models import build_application, preprocess_fn
 
-        keras_model = build_model(model, size, local_path(source, shipped), include_top=True)
+        keras_model = build_application(model, size, local_path(source, shipped), include_top=True)
         preprocess = preprocess_fn(model)
 
         def predict(x: np.ndarray) -> np.ndarray:
@@ -285,7 +286,7 @@ def _file_builder(
                 f"Keras model {path!r} must take (H, W, 1|3) images. Received: input_shape={shape}"
             )
         if isinstance(preprocessor, str):
-            from pipelines.keras_models import preprocess_fn
+            from pipelines.ml.models import preprocess_fn
 
             preprocess = preprocess_fn(preprocessor)
         else:

@@ -11,7 +11,7 @@ redoes it. Format (``format`` 1)::
       "stage": "ingest",
       "status": "succeeded",
       "run_id": "20261130T081500Z-3f9c2a",
-      "entry": "pipelines.ingest:run_ingest",
+      "entry": "pipelines.stages.ingest:run_ingest",
       "config_sections": ["mnist", "ingest"],
       "config_digest": "<sha256 of those config sections>",
       "input_fingerprint": "<sha256 of the 'inputs' object>",
@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
-from pipelines.storage import Storage
+from pipelines.io.storage import Storage
 
 logger = logging.getLogger(__name__)
 

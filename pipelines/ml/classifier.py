@@ -7,7 +7,7 @@ and loaded once per Python worker by ``predict_batch_udf`` with Keras ``safe_mod
 in the file is ever run). The driver loads it once too, to check it and read its input shape.
 
 Input: Spark's image struct or encoded image bytes (``binaryFile``'s ``content``). One
-``predict_batch_udf`` (:func:`pipelines.tensors.image_predict_udf`) receives the stored images and
+``predict_batch_udf`` (:func:`~pipelines.ml.inference.image_predict_udf`) gets the images and
 converts each batch to the model's input height, width and channels right before ``predict``.
 Output: ``probabilityCol`` (a Spark ML vector of the model's outputs) and ``predictionCol``
 (the arg-max index as a double, as Spark ML classifiers give). Rows whose image is null or
@@ -34,8 +34,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-from pipelines.tensors import (
-    RESIZE_METHODS,
+from pipelines.imaging.resize import RESIZE_METHODS
+from pipelines.ml.inference import (
     VALID,
     InputKind,
     image_inputs,
@@ -213,7 +213,7 @@ def _read_model_bytes(spark: SparkSession, path: str) -> bytes:
         if not local.is_file():
             raise FileNotFoundError(f"no model file at modelPath. Received: modelPath={path!r}")
         return local.read_bytes()
-    from pipelines.storage import Storage
+    from pipelines.io.storage import Storage
 
     storage = Storage(spark)
     if not storage.exists(path):

@@ -17,15 +17,15 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
 from pipelines.config import Config, IngestConfig
-from pipelines.images import IMAGE_STRUCT, OCV_MODE_BY_CHANNELS
-from pipelines.mnist import (
+from pipelines.imaging.image_struct import IMAGE_STRUCT, OCV_MODE_BY_CHANNELS
+from pipelines.io.storage import Storage
+from pipelines.stages.mnist import (
     TEST_IMAGES,
     TRAIN_IMAGES,
     MnistArrays,
     fetch_mnist,
     load_mnist,
 )
-from pipelines.storage import Storage
 
 logger = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.config import Config, TransferConfig
-from pipelines.featurizer import DeepImageFeaturizer, describe_weights
-from pipelines.ingest import read_images
-from pipelines.keras_models import MODELS, resolve_size
-from pipelines.storage import Storage
+from pipelines.io.storage import Storage
+from pipelines.ml.applications import MODELS, resolve_size
+from pipelines.ml.featurizer import DeepImageFeaturizer, describe_weights
+from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from pipelines.config import Config, ConfigError, load_config
-from pipelines.logs import configure_logging
+from pipelines.run.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
     except ConfigError as exc:
         logger.error("%s: %s", name, exc)
         return EXIT_USAGE
-    from pipelines.session import build_session  # imports pyspark's JVM glue only when needed
+    from pipelines.run.session import build_session  # imports pyspark's JVM glue only when needed
 
     spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
     try:

@@ -21,8 +21,8 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from pipelines.config import Config
-from pipelines.manifest import ManifestStore, utc_now
-from pipelines.storage import Storage
+from pipelines.io.storage import Storage
+from pipelines.run.manifest import ManifestStore, utc_now
 
 logger = logging.getLogger(__name__)
 

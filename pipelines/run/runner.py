@@ -1,11 +1,11 @@
 """The pipeline run: every stage in order, from one config, in one SparkSession, re-runnable.
 
 The stages are a table (:data:`STAGES`): adding a stage is adding a row. A run walks the selected
-rows in order. A stage whose manifest (:mod:`pipelines.manifest`) still matches (same digest of
+rows in order. A stage whose manifest (:mod:`pipelines.run.manifest`) still matches (same digest of
 the config sections it reads, same inputs, outputs unchanged) is skipped; any other stage runs,
 and so does every stage downstream of one that ran. A stage's old manifest is deleted before it
 starts and the new one written only after it returned, so a stage that failed or was killed is
-redone by the next run. A failure stops the run: :class:`pipelines.cli.StageFailed`, exit code 1.
+redone by the next run. A failure stops the run: :class:`~pipelines.run.cli.StageFailed`, exit 1.
 
 Progress goes to the log (``stage 3/8 export: skipped (up to date)``) and to the run summary
 ``pipeline.run_summary`` (default ``{output_root}/run.json``), rewritten after every stage.
@@ -27,10 +27,11 @@ from typing import Any, NamedTuple
 
 from pyspark.sql import SparkSession
 
-from pipelines.cli import StageFailed
 from pipelines.config import Config, ConfigError
 from pipelines.faults import maybe_fail
-from pipelines.manifest import (
+from pipelines.io.storage import Storage
+from pipelines.run.cli import StageFailed
+from pipelines.run.manifest import (
     ManifestStore,
     build_manifest,
     fingerprint,
@@ -38,7 +39,6 @@ from pipelines.manifest import (
     stale_reason,
     utc_now,
 )
-from pipelines.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +66,21 @@ class StageSpec(NamedTuple):
 #: error when named with --only/--from.
 STAGE_TABLE: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...],
                          tuple[str, ...]], ...] = (
-    ("ingest", "pipelines.ingest:run_ingest", ("mnist", "ingest"), (),
+    ("ingest", "pipelines.stages.ingest:run_ingest", ("mnist", "ingest"), (),
      ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
-    ("visualize", "pipelines.visualize:run_visualize", ("visualize",), ("ingest",),
+    ("visualize", "pipelines.stages.visualize:run_visualize", ("visualize",), ("ingest",),
      ("visualize.input",), ("visualize.output",)),
-    ("export", "pipelines.export:run_export", ("export",), ("ingest",),
+    ("export", "pipelines.stages.export:run_export", ("export",), ("ingest",),
      ("export.input",), ("export.output",)),
-    ("augment", "pipelines.augment:run_augment", ("augment",), ("ingest", "export"),
+    ("augment", "pipelines.stages.augment:run_augment", ("augment",), ("ingest", "export"),
      ("augment.input",), ("augment.output",)),
-    ("transfer", "pipelines.transfer:run_transfer", ("transfer",), ("ingest",),
+    ("transfer", "pipelines.stages.transfer:run_transfer", ("transfer",), ("ingest",),
      ("transfer.input",), ("transfer.output",)),
-    ("train_cnn", "pipelines.cnn:run_train_cnn", ("cnn",), ("ingest", "augment"),
+    ("train_cnn", "pipelines.stages.train_cnn:run_train_cnn", ("cnn",), ("ingest", "augment"),
      ("cnn.inputs",), ("cnn.output",)),
-    ("score", "pipelines.score:run_score", ("score",), ("train_cnn",),
+    ("score", "pipelines.stages.score:run_score", ("score",), ("train_cnn",),
      ("score.input", "score.model"), ("score.output",)),
-    ("report", "pipelines.report:run_report", ("report",),
+    ("report", "pipelines.run.report:run_report", ("report",),
      ("ingest", "visualize", "export", "augment", "transfer", "train_cnn", "score"),
      (), ("report.output",)),
 )
@@ -97,7 +97,7 @@ class Plan(NamedTuple):
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
-    """The pipeline run's own options (see :func:`pipelines.cli.run_job`)."""
+    """The pipeline run's own options (see :func:`pipelines.run.cli.run_job`)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--only", action="append", default=[], metavar="STAGE[,STAGE]",
                        help="run only these stages (repeatable or comma-separated)")

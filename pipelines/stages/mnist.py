@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import MnistConfig
-from pipelines.idx import IdxFormatError, atomic_write_bytes, encode_idx, read_idx, write_idx
+from pipelines.io.idx import IdxFormatError, atomic_write_bytes, encode_idx, read_idx, write_idx
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from pipelines.config import Config, VisualizeConfig
-from pipelines.contact_sheet import render_sheet
-from pipelines.images import struct_to_array, to_rgb
-from pipelines.ingest import read_images
-from pipelines.storage import Storage
+from pipelines.imaging.contact_sheet import render_sheet
+from pipelines.imaging.image_struct import struct_to_array, to_rgb
+from pipelines.io.storage import Storage
+from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipelines.cnn_report import classification_metrics
 from pipelines.config import Config, ScoreConfig
-from pipelines.ingest import read_images
-from pipelines.keras_scorer import KerasImageClassifier
-from pipelines.storage import Storage
+from pipelines.io.storage import Storage
+from pipelines.ml.classifier import KerasImageClassifier
+from pipelines.stages.evaluation import classification_metrics
+from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 

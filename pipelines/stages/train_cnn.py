@@ -1,8 +1,8 @@
 """The train_cnn job: a Keras CNN trained on the driver from image Parquet.
 
-Data comes from Parquet through Arrow record batches into ``tf.data`` (:mod:`pipelines.cnn_data`):
+Data comes from Parquet through Arrow batches into ``tf.data`` (:mod:`pipelines.ml.datasets`):
 held in memory when the train and validation splits fit ``cnn.in_memory_mb``, else streamed each
-epoch; the architecture is data (:mod:`pipelines.architectures`). Each epoch is validated on the
+epoch; the architecture is data (:mod:`pipelines.ml.architectures`). Each epoch is validated on the
 validation split; training stops early when ``cnn.monitor`` stops improving; the best epoch's
 weights are kept. The run is resumable: at every epoch end Keras' ``BackupAndRestore`` saves the
 weights, the optimizer state and the epoch in ``cnn.checkpoint_dir``, and a rerun with the same
@@ -28,23 +28,18 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
-from pipelines.architectures import (
-    build_model,
-    compile_model,
-    resolve_architecture,
-    steps,
-    summary_text,
-)
-from pipelines.cnn_data import make_dataset, open_split
-from pipelines.cnn_report import (
+from pipelines.config import CnnConfig, Config
+from pipelines.faults import maybe_fail
+from pipelines.io.storage import Storage
+from pipelines.ml.architectures import ArchitectureSpec, resolve_architecture
+from pipelines.ml.datasets import make_dataset, open_split
+from pipelines.ml.models import build_architecture, compile_model, steps, summary_text
+from pipelines.stages.evaluation import (
     classification_metrics,
     confusion_matrix,
     confusion_matrix_png,
     training_curves_png,
 )
-from pipelines.config import ArchitectureSpec, CnnConfig, Config
-from pipelines.faults import maybe_fail
-from pipelines.storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +91,7 @@ def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("cnn.tensorboard is true but the tensorboard package is not installed; "
                          "install it or set cnn.tensorboard=false. Received: cnn.tensorboard=True")
-    spec = resolve_architecture(cfg)
+    spec = resolve_architecture(cfg.architecture, cfg.architectures)
     epochs = cfg.epochs or spec.epochs
     batch_size = cfg.batch_size or spec.batch_size
     shape = tuple(spec.input_shape)
@@ -126,7 +121,7 @@ def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    model = build_model(spec, cfg.num_classes)
+    model = build_architecture(spec, cfg.num_classes)
     steps_per_epoch = steps(counts[cfg.train_split], batch_size)
     compile_model(model, spec, steps_per_epoch, epochs)
     text = summary_text(model)

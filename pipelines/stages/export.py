@@ -2,7 +2,7 @@
 
 Layout: ``<output>/split=<split>/label=<label>/<id>.png`` and ``<output>/_export.json`` (what was
 selected, and the counts). ``spark.read.format("image").load(output)`` reads it back with
-``split`` and ``label`` as partition columns (and :func:`pipelines.ingest.image_folder_frame`
+``split`` and ``label`` as partition columns (and :func:`pipelines.stages.ingest.image_folder_frame`
 re-ingests it); Keras' ``image_dataset_from_directory(f"{output}/split=train")`` reads a split
 with class names ``label=0`` ... Pixels are lossless at every ``compress_level``; grayscale stays
 one channel, colour structs (BGR(A), like Spark's image source) become RGB(A) PNGs.
@@ -15,14 +15,14 @@ Exactly once, whatever retries or speculative tasks do:
   before the run ends, and until then neither Spark (hidden name) nor Keras (not ``.png``)
   reads them;
 - ``mode: replace`` builds the whole export in a staged sibling folder that is swapped in only
-  when every task succeeded (:meth:`pipelines.storage.Storage.staged_dir`): a failed run leaves
+  when every task succeeded (:meth:`pipelines.io.storage.Storage.staged_dir`): a failed run leaves
   the previous output as it was;
 - ``mode: skip`` writes into the output and keeps the files there. ``_export.json`` records the
   selection (input, splits, labels, limit, sample, seed); a rerun with another selection is
   refused, so files of two different exports never mix.
 
 Executors reach the output through fsspec (the driver uses Hadoop's FileSystem through
-:class:`~pipelines.storage.Storage`, the same layer Spark writes with): one library resolves every
+:class:`~pipelines.io.storage.Storage`, the layer Spark writes with): one library resolves every
 URI a Spark user writes, local paths, ``file://``, ``hdfs://`` (through pyarrow's libhdfs),
 ``s3a://`` (s3fs), ``gs://``, ``abfs://``..., with ``export.storage_options`` for endpoints and
 credentials; pyarrow.fs alone knows no ``s3a://`` and no Azure/GCS variants Spark users write.
@@ -46,10 +46,10 @@ from pyspark.sql import functions as F
 
 from pipelines.config import Config, ExportConfig
 from pipelines.faults import maybe_fail
-from pipelines.images import CHANNELS_BY_OCV_MODE, encode_png, is_image_struct, to_rgb
-from pipelines.ingest import read_images
-from pipelines.storage import Storage
-from pipelines.task_files import local_files, open_fs
+from pipelines.imaging.image_struct import CHANNELS_BY_OCV_MODE, encode_png, is_image_struct, to_rgb
+from pipelines.io.storage import Storage
+from pipelines.io.task_files import local_files, open_fs
+from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 

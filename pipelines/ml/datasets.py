@@ -30,6 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from pipelines.imaging.image_struct import to_rgb
+from pipelines.imaging.resize import fit_channels
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -176,27 +179,11 @@ class ImageSplit:
         if not (np.diff(offsets) == per_image).all():
             raise ValueError(f"image data sizes do not match height*width*nChannels in {where!r}")
         pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-        images = fit_channels(pixels.reshape(n, h, w, c), self.channels, where)
+        try:
+            images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), self.channels)
+        except ValueError as exc:
+            raise ValueError(f"{exc} in {where!r}") from None
         return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-
-
-def fit_channels(images: np.ndarray, channels: int, where: str = "") -> np.ndarray:
-    """Stored channel order (gray, BGR, BGRA) batch -> gray or RGB with ``channels`` channels."""
-    have = images.shape[-1]
-    if have in (3, 4):
-        images = images[..., [2, 1, 0]]  # BGR(A) -> RGB, alpha dropped
-        have = 3
-    if have == channels:
-        return images
-    if have == 1 and channels == 3:
-        return np.repeat(images, 3, axis=-1)
-    if have == 3 and channels == 1:
-        luma = images.astype(np.uint32) @ np.array([299, 587, 114], np.uint32)
-        return ((luma + 500) // 1000).astype(np.uint8)[..., None]
-    raise ValueError(
-        f"cannot feed {have}-channel images to a model with {channels} input channels. "
-        f"Received: nChannels={have} in {where!r}"
-    )
 
 
 def open_split(paths: list[str], split: str, input_shape: tuple[int, int, int]) -> ImageSplit:

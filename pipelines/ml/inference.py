@@ -30,12 +30,18 @@ from pyspark.sql import Column
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, DataType, IntegerType, StructField, StructType
 
-from pipelines.images import IMAGE_STRUCT, decode_image, is_image_struct, struct_to_array, to_rgb
+from pipelines.imaging.image_struct import (
+    IMAGE_STRUCT,
+    decode_image,
+    is_image_struct,
+    struct_to_array,
+    to_rgb,
+)
+from pipelines.imaging.resize import RESIZE_METHODS, fit_images
 
 logger = logging.getLogger(__name__)
 
 #: scaleHint / resize method names -> PIL resampling filters.
-RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos", "area")
 InputKind = Literal["struct", "binary"]
 #: The struct fields sent to Python, in the order the predict function takes them.
 STRUCT_FIELDS = tuple(IMAGE_STRUCT.fieldNames())
@@ -75,68 +81,6 @@ def image_array(value: Any, kind: InputKind) -> np.ndarray | None:
     except ValueError as exc:
         logger.warning("skipping an invalid image: %s", exc)
         return None
-
-
-def fit_channels(array: np.ndarray, channels: int) -> np.ndarray:
-    """Convert an RGB(A)/gray uint8 array (..., C) to ``channels`` (1 or 3) channels."""
-    have = array.shape[-1]
-    if have == channels:
-        return array
-    if have == 4:
-        array, have = array[..., :3], 3
-        if channels == 3:
-            return array
-    if have == 1 and channels == 3:
-        return np.repeat(array, 3, axis=-1)
-    if have == 3 and channels == 1:
-        weights = np.array([299, 587, 114], dtype=np.uint32)
-        luma = (array.astype(np.uint32) @ weights + 500) // 1000
-        return luma.astype(np.uint8)[..., None]
-    raise ValueError(f"cannot convert {have} channels to {channels}")
-
-
-def resize(array: np.ndarray, height: int, width: int, method: str = "bilinear") -> np.ndarray:
-    """Resize a uint8 array (H, W, C) with PIL; a no-op when the size already fits."""
-    if array.shape[0] == height and array.shape[1] == width:
-        return array
-    from PIL import Image
-
-    if method not in RESIZE_METHODS:
-        raise ValueError(f"resize method must be one of {RESIZE_METHODS}. Received: {method!r}")
-    resample = {
-        "nearest": Image.Resampling.NEAREST,
-        "bilinear": Image.Resampling.BILINEAR,
-        "bicubic": Image.Resampling.BICUBIC,
-        "lanczos": Image.Resampling.LANCZOS,
-        "area": Image.Resampling.BOX,
-    }[method]
-    squeeze = array.shape[2] == 1
-    img = Image.fromarray(array[:, :, 0] if squeeze else array)
-    out = np.asarray(img.resize((width, height), resample=resample))
-    return out[:, :, None] if squeeze else out
-
-
-def fit_images(
-    arrays: Sequence[np.ndarray | None], height: int, width: int, channels: int,
-    method: str = "bilinear",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images (None = invalid) -> (uint8 batch (n_valid, H, W, C), boolean validity mask).
-
-    Gray images are resized before they are replicated to 3 channels (a third of the work, the
-    same pixels); colour images meant for a gray model are converted first.
-    """
-    valid = np.array([a is not None for a in arrays], dtype=bool)
-    batch = np.empty((int(valid.sum()), height, width, channels), dtype=np.uint8)
-    i = 0
-    for array in arrays:
-        if array is None:
-            continue
-        if array.shape[-1] > channels:
-            batch[i] = resize(fit_channels(array, channels), height, width, method)
-        else:  # 1 -> 3 channels broadcasts on assignment
-            batch[i] = resize(array, height, width, method)
-        i += 1
-    return batch, valid
 
 
 def to_batch(

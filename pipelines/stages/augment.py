@@ -12,7 +12,7 @@ Output under ``augment.output`` (staged, then published atomically; a rerun repl
   outside the ``split=<s>/label=<int>/`` layout) with the reason.
 
 Every random choice comes from (``seed``, source id, sample index) (see
-:mod:`pipelines.augment_ops`), so outputs are identical whatever the partitioning.
+:mod:`pipelines.imaging.augment_ops`), so outputs are identical whatever the partitioning.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_schema
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
-from pipelines.augment_ops import Augmenter, operations_json
 from pipelines.config import AugmentConfig, Config
-from pipelines.contact_sheet import render_sheet
 from pipelines.faults import maybe_fail
-from pipelines.images import (
+from pipelines.imaging.augment_ops import Augmenter, operations_json
+from pipelines.imaging.contact_sheet import render_sheet
+from pipelines.imaging.image_struct import (
     IMAGE_STRUCT,
     array_to_struct,
     decode_pil,
@@ -45,15 +45,15 @@ from pipelines.images import (
     struct_to_array,
     to_rgb,
 )
-from pipelines.ingest import read_images
-from pipelines.storage import Storage
-from pipelines.task_files import (
+from pipelines.io.storage import Storage
+from pipelines.io.task_files import (
     LocalFiles,
     find_files,
     local_files,
     open_fs,
     remove_temp_files,
 )
+from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def _collect_stats(root: str) -> dict[str, Any]:
 def _to_pil(row: dict[str, Any], files: Any):
     """A source row -> PIL image in mode L, RGB or RGBA (ValueError when undecodable).
 
-    ``files``: :func:`pipelines.task_files.local_files` of the input's filesystem.
+    ``files``: :func:`pipelines.io.task_files.local_files` of the input's filesystem.
     """
     from PIL import Image
 

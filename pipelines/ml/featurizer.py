@@ -10,7 +10,7 @@ the model's globally average-pooled last-block features (2048 values for Incepti
     model = Pipeline(stages=[featurizer, LogisticRegression(labelCol="label")]).fit(train)
 
 How it runs: one ``pyspark.ml.functions.predict_batch_udf`` (built by
-:func:`pipelines.tensors.image_predict_udf`) receives the stored images (the struct's fields, or
+:func:`~pipelines.ml.inference.image_predict_udf`) gets the stored images (the struct's fields, or
 the encoded bytes) and, per batch of ``batchSize``, decodes them to RGB at the model's input size
 (gray is replicated to 3 channels, BGR structs are reordered), applies the model's own
 ``preprocess_input`` and runs the model. The model is built and its weights loaded once per Python
@@ -45,9 +45,9 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-from pipelines.keras_models import MODELS, get_spec, resolve_size
-from pipelines.tensors import (
-    RESIZE_METHODS,
+from pipelines.imaging.resize import RESIZE_METHODS
+from pipelines.ml.applications import MODELS, get_spec, resolve_size
+from pipelines.ml.inference import (
     VALID,
     BatchPredict,
     image_inputs,
@@ -229,7 +229,7 @@ def ship_weights(
             return path, False
         weights = path
     elif scheme not in ("http", "https", "ftp"):
-        from pipelines.storage import Storage
+        from pipelines.io.storage import Storage
 
         if not Storage(spark).exists(weights):
             raise ValueError(
@@ -265,7 +265,7 @@ def local_path(source: str, shipped: bool) -> str:
 def make_predict_fn(
     run: ModelRun, include_top: bool, top_k: int = 0
 ) -> Callable[[], BatchPredict]:
-    """``make_predict`` for :func:`pipelines.tensors.image_predict_udf`; captures only ``run``.
+    """``make_predict`` for :func:`pipelines.ml.inference.image_predict_udf`; captures only ``run``.
 
     The predict function takes uint8 RGB batches and returns ``{"values": model output}``
     (features or class probabilities), or with ``include_top`` and ``top_k > 0`` the top-K class
@@ -273,11 +273,11 @@ def make_predict_fn(
     """
 
     def make() -> BatchPredict:
-        from pipelines.keras_models import build_model, limit_threads, preprocess_fn
+        from pipelines.ml.models import build_application, limit_threads, preprocess_fn
 
         limit_threads(run.threads)
         weights = local_path(run.weights, run.weights_shipped)
-        model = build_model(run.model_name, run.size, weights, include_top)
+        model = build_application(run.model_name, run.size, weights, include_top)
         preprocess = preprocess_fn(run.model_name)
         logger.info("built %s (%dx%d) in this worker", run.model_name, run.size, run.size)
 
@@ -313,7 +313,7 @@ def predict_images(
     (``skip``) or fail the query with a message naming the column (``error``).
 
     One ``predict_batch_udf`` decodes and resizes the images and runs the model (see
-    :mod:`pipelines.tensors`): only the stored image bytes go to the Python workers.
+    :mod:`pipelines.ml.inference`): only the stored image bytes go to the Python workers.
     """
     kind = input_kind(dataset.schema[input_col].dataType, input_col)
     predict = image_predict_udf(
@@ -360,8 +360,8 @@ class DeepImageFeaturizer(
     Args:
         inputCol: image struct or encoded image bytes column.
         outputCol: output vector column.
-        modelName: one of :data:`pipelines.keras_models.MODELS`.
-        scaleHint: resize method, one of :data:`pipelines.tensors.RESIZE_METHODS`.
+        modelName: one of :data:`pipelines.ml.applications.MODELS`.
+        scaleHint: resize method, one of :data:`pipelines.ml.inference.RESIZE_METHODS`.
         inputSize: input height = width; 0 = the model's native size. At least the model's
             Keras minimum (75 for InceptionV3, 71 for Xception, 32 for the others).
         weights: ``"imagenet"`` (Keras cache), ``"none"`` (random initialisation), or a Keras

@@ -1,0 +1,1 @@
+"""Images as arrays: Spark's image struct, resizing and channels, contact sheets, augmentation."""

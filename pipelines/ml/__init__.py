@@ -1,0 +1,43 @@
+"""The Spark ML library: sparkdl's stages on Spark 4, Keras 3 and ``predict_batch_udf``.
+
+    from pipelines.ml import DeepImageFeaturizer, DeepImagePredictor, KerasImageClassifier
+
+The names below are loaded on first use, so that the light modules of this package (the
+application registry, architecture specs) can be imported without Spark or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.ml.classifier import KerasImageClassifier
+    from pipelines.ml.featurizer import DeepImageFeaturizer
+    from pipelines.ml.predictor import DeepImagePredictor, register_keras_image_udf
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "DeepImageFeaturizer": "pipelines.ml.featurizer",
+    "DeepImagePredictor": "pipelines.ml.predictor",
+    "KerasImageClassifier": "pipelines.ml.classifier",
+    "register_keras_image_udf": "pipelines.ml.predictor",
+}
+
+__all__ = [
+    "DeepImageFeaturizer",
+    "DeepImagePredictor",
+    "KerasImageClassifier",
+    "register_keras_image_udf",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pipelines.ml' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,0 +1,1 @@
+"""The application shell: command line, session, logging, runner, manifests, run report."""

@@ -1,0 +1,1 @@
+"""The job stages, one module each: ``run_<stage>(spark, config) -> summary``, plus evaluation."""
