@@ -171,7 +171,7 @@ def _images(spark, path: str, count: int):
     from pipelines.imaging.image_struct import IMAGE_STRUCT, array_to_struct
 
     if os.path.exists(path):
-        from pipelines.stages.ingest import read_images
+        from pipelines.io.image_parquet import read_images
 
         return read_images(spark, path).filter("split = 'test'").select("image").limit(count)
     from pyspark.sql.types import StructField, StructType

@@ -11,7 +11,7 @@ contracts in ``pyproject.toml``, run by ``make lint`` and the tests):
 * :mod:`pipelines.ml`: the library, sparkdl's successor: Spark ML stages, the batch-inference
   engine, the Keras application registry and CNN architectures. Its public API is importable
   from ``pipelines.ml``.
-* :mod:`pipelines.imaging`: image struct conversions, resizing, contact sheets, augmentation.
 * :mod:`pipelines.io`: storage (one atomic-write path), files written by tasks, image Parquet,
-  IDX.
+  IDX, digests.
+* :mod:`pipelines.imaging`: image struct conversions, resizing, contact sheets, augmentation.
 """

@@ -12,8 +12,6 @@ moves every output (for example to ``hdfs://nn/user/me/mnist``).
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -31,6 +29,7 @@ from pydantic import (
 
 from pipelines.imaging.augment_ops import SEED_OPERATIONS, Operation
 from pipelines.imaging.resize import RESIZE_METHODS
+from pipelines.io.digest import sha256_json
 from pipelines.ml.applications import MODELS
 from pipelines.ml.architectures import ArchitectureSpec, builtin_names
 
@@ -395,8 +394,7 @@ class Config(Section):
         data = self.model_dump(mode="json")
         if sections:
             data = {name: data[name] for name in sections}
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()
+        return sha256_json(data)
 
 
 def load_config(

@@ -1,4 +1,4 @@
-"""Small real stages for the runner tests (registered by ``"stages_for_tests:<fn>"``).
+"""Small real stages for the runner tests (rows of the test registries).
 
 ``count_labels`` reads the image Parquet at ``visualize.input`` and writes the label counts as
 Parquet to ``visualize.output`` through a staged folder, like the real stages do.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pipelines.config import Config
 from pipelines.faults import maybe_fail
+from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
-from pipelines.stages.ingest import read_images
 
 
 def count_labels(spark, config: Config) -> dict:

@@ -17,8 +17,9 @@ from PIL import Image
 
 from pipelines.config import load_config
 from pipelines.imaging.image_struct import struct_to_array, to_rgb
+from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA
 from pipelines.stages.augment import run_augment
-from pipelines.stages.ingest import IMAGE_ROW_SCHEMA, images_to_arrow
+from pipelines.stages.ingest import images_to_arrow
 
 N_GREY = 12
 
@@ -105,7 +106,7 @@ def test_augment_writes_png_partitions_parquet_with_provenance_sheet_and_report(
     assert sheet.size[0] > 300 and summary["sheet_rows"] == 4
     report = json.loads((out / "report.json").read_text())
     assert report["sources"] == N_GREY + 2 and report["bad"] == []
-    assert not list(out.rglob(".*.tmp-*")) and not (out / "_stats").exists()
+    assert not list(out.rglob(".*._tmp-*")) and not (out / "_stats").exists()
 
 
 def test_same_seed_any_partitioning_gives_byte_identical_images(spark, tmp_path, png_tree):
@@ -176,7 +177,7 @@ def test_too_many_bad_files_fail_the_job_and_publish_nothing(spark, tmp_path, pn
 
 
 def test_missing_input_is_a_clear_error(spark, tmp_path):
-    with pytest.raises(Exception, match="does-not-exist"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
         run_augment(spark, config(tmp_path, tmp_path / "does-not-exist"))
     assert not (tmp_path / "aug").exists()
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from conftest import TEST_CONF, make_digits
 
-from pipelines.config import Config, ConfigError, IngestConfig, load_config
+from pipelines.config import Config, ConfigError, load_config
 from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
+from pipelines.io.image_parquet import write_image_parquet
 from pipelines.ml.architectures import resolve_architecture
 from pipelines.ml.datasets import make_dataset, open_split
 from pipelines.ml.models import build_architecture
-from pipelines.stages.ingest import mnist_frame, write_image_parquet
+from pipelines.stages.ingest import mnist_frame
 from pipelines.stages.mnist import MnistArrays
 from pipelines.stages.train_cnn import OUTPUT_FILES, run_train_cnn
 from pipelines.stages.train_cnn import train_cnn as train
@@ -54,7 +55,7 @@ def image_parquet(spark, digits, tmp_path_factory) -> str:
     """Image Parquet written by the ingest code: 120 train, 40 validation, 40 test rows."""
     out = str(tmp_path_factory.mktemp("cnn") / "images")
     frame = mnist_frame(spark, digits, validation_size=40)
-    write_image_parquet(spark, frame, IngestConfig(output=out, partitions=3))
+    write_image_parquet(spark, frame, out, 3)
     return out
 
 
@@ -105,10 +106,11 @@ def test_input_pipeline_yields_the_stored_images_scaled_with_one_hot_labels(
     source = open_split([image_parquet], "validation", (28, 28, 1))
     dataset = make_dataset(source, batch_size=16, num_classes=10, read_rows=7,
                            in_memory=in_memory)
-    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in dataset], strict=True)
-    images, labels = np.concatenate(images), np.concatenate(labels)
+    batches = [(x.numpy(), y.numpy()) for x, y in dataset]
+    images = np.concatenate([x for x, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
 
-    assert [len(b) for b in images[:0]] == [] and images.shape == (40, 28, 28, 1)
+    assert [len(x) for x, _ in batches] == [16, 16, 8] and images.shape == (40, 28, 28, 1)
     np.testing.assert_array_equal(images[..., 0], digits.train_images[:40] / np.float32(255))
     np.testing.assert_array_equal(labels.argmax(axis=1), digits.train_labels[:40])
     assert labels.sum() == 40

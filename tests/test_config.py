@@ -1,6 +1,8 @@
+import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipelines.config import Config, ConfigError, load_config
 
@@ -13,10 +15,17 @@ def test_defaults_expand_output_root_into_every_path():
     assert config.visualize.output == "s3a://bucket/run1/sheets"
 
 
-@pytest.mark.parametrize("name", ["base.yaml", "local.yaml", "test.yaml", "cluster.yaml"])
-def test_every_shipped_config_file_loads(name):
-    config = load_config(ROOT / "conf" / name)
-    assert isinstance(config, Config)
+@pytest.mark.parametrize("name, key, expected", [
+    ("base.yaml", "transfer.model_name", "InceptionV3"),
+    ("local.yaml", "transfer.input_size", 75),
+    ("test.yaml", "output_root", "out-test"),
+    ("cluster.yaml", "ingest.output", "hdfs:///user/spark/spark-image-pipelines/images"),
+])
+def test_every_shipped_config_file_loads_its_own_values(name, key, expected):
+    value = load_config(ROOT / "conf" / name)
+    for part in key.split("."):
+        value = getattr(value, part)
+    assert value == expected
 
 
 def test_include_layers_merge_and_overrides_parse_yaml_values(tmp_path):
@@ -79,8 +88,34 @@ def test_malformed_override_and_missing_file_are_clear(tmp_path):
 
 def test_config_is_frozen_and_digest_is_stable():
     config = load_config(None)
-    with pytest.raises(Exception, match="frozen"):
+    with pytest.raises(ValidationError, match="frozen"):
         config.ingest.partitions = 3  # type: ignore[misc]
     assert config.digest("ingest") == load_config(None).digest("ingest")
     assert config.digest("ingest") != load_config(None, ["ingest.partitions=3"]).digest("ingest")
     assert config.digest("ingest") == load_config(None, ["visualize.count=5"]).digest("ingest")
+
+
+def test_base_yaml_lists_every_key_with_the_code_default():
+    """conf/base.yaml says it holds every default: every key is there, with the code's value."""
+    import yaml
+
+
+    base = yaml.safe_load((ROOT / "conf" / "base.yaml").read_text())
+    defaults = Config().model_dump(mode="json")
+    free_form = {"conf", "architectures", "storage_options"}  # mappings the user fills
+
+    def compare(code: dict, written: dict, where: str) -> list[str]:
+        problems = []
+        for key, value in code.items():
+            if key not in written:
+                problems.append(f"{where}{key} is missing")
+            elif isinstance(value, dict) and key not in free_form:
+                problems += compare(value, written[key], f"{where}{key}.")
+        return problems
+
+    assert compare(defaults, base, "") == []
+    loaded = load_config(ROOT / "conf" / "base.yaml").model_dump(mode="json")
+    output_root = loaded["output_root"]
+    expanded = json.loads(json.dumps(defaults).replace("{output_root}", output_root))
+    assert {k: v for k, v in loaded.items() if k != "spark"} == {
+        k: v for k, v in expanded.items() if k != "spark"}

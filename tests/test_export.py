@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, TEST_CONF, make_digits
+from pyspark.errors import PythonException
 from pyspark.sql import functions as F
 
 from pipelines.config import ConfigError, load_config
 from pipelines.imaging.image_struct import array_to_struct
+from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA
 from pipelines.stages.export import MANIFEST, run_export
-from pipelines.stages.ingest import IMAGE_ROW_SCHEMA, image_folder_frame
+from pipelines.stages.ingest import image_folder_frame
 
 
 def export_config(inp, out, *overrides):
@@ -180,7 +182,7 @@ def test_failed_export_keeps_the_previous_output(spark, images, tmp_path):
     env.update(PIPELINES_FAILPOINTS="export.write=raise",
                PIPELINES_FAILPOINTS_DIR=str(tmp_path / "marks"))
     try:
-        with pytest.raises(Exception, match="failpoint 'export.write' fired"):
+        with pytest.raises(PythonException, match="failpoint 'export.write' fired"):
             run_export(spark, export_config(images, out, "export.compress_level=0"))
     finally:
         env.pop("PIPELINES_FAILPOINTS")
@@ -244,12 +246,12 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(spark, images, tmp_path)
 
     broken = dict(array_to_struct(np.zeros((4, 4), np.uint8), "x"), nChannels=3)
     bad_rows = write_rows(spark, [("a", "train", 0, broken)], tmp_path / "bad_rows")
-    with pytest.raises(Exception, match="Received: id='a', mode=0"):
+    with pytest.raises(PythonException, match="Received: id='a', mode=0"):
         run_export(spark, export_config(bad_rows, out))
 
     unsafe = write_rows(spark, [("../up", "train", 0, array_to_struct(
         np.zeros((4, 4), np.uint8), "x"))], tmp_path / "unsafe")
-    with pytest.raises(Exception, match=r"Received: id='../up'"):
+    with pytest.raises(PythonException, match=r"Received: id='../up'"):
         run_export(spark, export_config(unsafe, out))
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -2,11 +2,13 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 from PIL import Image
+from pyspark.errors import PythonException
 from pyspark.sql import functions as F
 
 from pipelines.config import load_config
 from pipelines.imaging.image_struct import struct_to_array
-from pipelines.stages.ingest import image_folder_frame, read_images, run_ingest, write_image_parquet
+from pipelines.io.image_parquet import read_images, write_image_parquet
+from pipelines.stages.ingest import image_folder_frame, run_ingest
 from pipelines.stages.mnist import TEST_LABEL_COUNTS, load_mnist
 
 
@@ -78,8 +80,8 @@ def test_failed_write_keeps_previous_output_and_leaves_no_temp(spark, tmp_path, 
         raise RuntimeError("disk on fire")
 
     broken = good.withColumn("label", explode("label"))
-    with pytest.raises(Exception, match="disk on fire"):
-        write_image_parquet(spark, broken, config.ingest)
+    with pytest.raises(PythonException, match="disk on fire"):
+        write_image_parquet(spark, broken, config.ingest.output, config.ingest.partitions)
     assert spark.read.parquet(config.ingest.output).count() == 60
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["images"]
 

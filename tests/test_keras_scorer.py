@@ -10,10 +10,11 @@ from conftest import TEST_CONF, make_digits
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import functions as F
 
-from pipelines.config import IngestConfig, load_config
+from pipelines.config import load_config
 from pipelines.imaging.image_struct import encode_png
+from pipelines.io.image_parquet import write_image_parquet
 from pipelines.ml.classifier import KerasImageClassifier
-from pipelines.stages.ingest import mnist_frame, write_image_parquet
+from pipelines.stages.ingest import mnist_frame
 from pipelines.stages.mnist import MnistArrays
 from pipelines.stages.score import run_score
 
@@ -142,8 +143,7 @@ def test_score_job_writes_predictions_and_metrics_for_parquet_and_png(
     spark, digits, model_path, tmp_path
 ):
     images = str(tmp_path / "images")
-    write_image_parquet(spark, mnist_frame(spark, digits, validation_size=0),
-                        IngestConfig(output=images, partitions=2))
+    write_image_parquet(spark, mnist_frame(spark, digits, validation_size=0), images, 2)
     common = [f"score.model={model_path}"]
     out = tmp_path / "scores"
     summary = run_score(spark, load_config(TEST_CONF, [*common, f"score.input={images}",

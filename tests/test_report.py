@@ -18,17 +18,18 @@ from pipelines.config import load_config
 from pipelines.imaging.contact_sheet import render_sheet
 from pipelines.io.storage import Storage
 from pipelines.run.manifest import ManifestStore, build_manifest
-from pipelines.run.report import ARTIFACTS, find_weights, render_value
+from pipelines.run.report import find_weights, render_value, run_report
 from pipelines.run.runner import StageSpec, make_plan, run_pipeline
+from pipelines.stages.ingest import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
 REGISTRY = (
-    StageSpec("ingest", "pipelines.stages.ingest:run_ingest", ("mnist", "ingest"), (),
+    StageSpec("ingest", run_ingest, ("mnist", "ingest"), (),
               ("mnist.local_dir",), ("ingest.output",)),
-    StageSpec("report", "pipelines.run.report:run_report", ("report",), ("ingest", "train_cnn"),
+    StageSpec("report", run_report, ("report",), ("ingest", "train_cnn"),
               (), ("report.output",)),
 )
 # Appended to a copy of the page: records, once everything loaded, each image's natural width.
@@ -65,10 +66,22 @@ def finished_run(spark, tmp_path, tiny_mnist_dir):
     cnn_metrics = {"test_accuracy": 0.9812, "weights": "none (trained from random init)",
                    "confusion_matrix": [[5, 1], [0, 7]]}
     (out / "cnn" / "metrics.json").write_text(json.dumps(cnn_metrics))
-    ManifestStore(Storage(spark), config.pipeline.manifests).write(build_manifest(
-        stage="train_cnn", entry="x:y", run_id="r0", sections=["visualize"],
-        config_digest="d", inputs={}, outputs={}, summary={"epochs": 2, "model": "cnn/model"},
-        started_at="2026-01-01T00:00:00Z", seconds=42.5, spark_version=spark.version))
+    store = ManifestStore(Storage(spark), config.pipeline.manifests)
+    recorded = {
+        "visualize": {"artifacts": {"contact_sheets": [str(out / "sheets" / "train.png")]}},
+        "train_cnn": {"epochs": 2, "model": "cnn/model", "artifacts": {
+            "metrics": str(out / "cnn" / "metrics.json"),
+            "confusion_matrix": str(out / "cnn" / "confusion_matrix.png"),
+            "training_curves": str(out / "cnn" / "training_curves.png")}},
+    }
+    for stage, summary in recorded.items():
+        store.write(build_manifest(
+            stage=stage, entry="x:y", run_id="r0", sections=["visualize"],
+            config_digest="d", inputs={}, outputs={}, summary=summary,
+            started_at="2026-01-01T00:00:00Z", seconds=42.5, spark_version=spark.version))
+    # Written where no stage recorded it: the report must not pick it up.
+    (out / "transfer").mkdir()
+    (out / "transfer" / "confusion_matrix.png").write_bytes(_png(50, 50, 3))
     run_pipeline(spark, config, make_plan(config, registry=REGISTRY), registry=REGISTRY)
     return config, out
 
@@ -87,9 +100,9 @@ def test_report_page_and_all_its_images_load_in_headless_chromium(finished_run, 
     config, out = finished_run
     report = out / "report"
     metrics = json.loads((report / "metrics.json").read_text())
-    assert metrics["metrics"]["cnn"]["test_accuracy"] == 0.9812
+    assert metrics["metrics"]["train_cnn"]["test_accuracy"] == 0.9812
     assert metrics["stages"]["ingest"]["summary"]["rows_per_split"]["validation"] == 10
-    assert metrics["weights"]["metrics.cnn.weights"] == "none (trained from random init)"
+    assert metrics["weights"]["metrics.train_cnn.weights"] == "none (trained from random init)"
 
     # The folder is self-contained: copied elsewhere, the page still finds every image.
     moved = tmp_path / "elsewhere" / "report"
@@ -102,8 +115,8 @@ def test_report_page_and_all_its_images_load_in_headless_chromium(finished_run, 
     assert found, dom[:2000]
     images = json.loads(html.unescape(found.group(1)))
     assert sorted(src for src, _ in images) == [
-        "img/cnn_confusion-confusion_matrix.png", "img/cnn_curves-training_curves.png",
-        "img/contact_sheets-train.png"]
+        "img/train_cnn-confusion_matrix.png", "img/train_cnn-training_curves.png",
+        "img/visualize-train.png"]
     assert all(width > 0 for _, width in images), images
     text = re.sub(r"<[^>]+>", " ", dom)
     assert "Test &lt;report&gt;" in dom  # the title is escaped
@@ -136,4 +149,3 @@ def test_render_value_and_find_weights():
     tree = {"transfer": {"weights": "imagenet", "layers": [{"weights_file": "w.h5"}]}}
     assert find_weights(tree) == {"transfer.weights": "imagenet",
                                   "transfer.layers[0].weights_file": "w.h5"}
-    assert set(ARTIFACTS) >= {"contact_sheets", "cnn_metrics", "transfer_confusion"}

@@ -8,22 +8,21 @@ import shutil
 from pathlib import Path
 
 import pytest
+from stages_for_tests import broken, count_labels
 
 from pipelines.config import ConfigError, load_config
 from pipelines.run.cli import StageFailed
-from pipelines.run.runner import STAGES, StageSpec, make_plan, run_pipeline
+from pipelines.run.runner import STAGES, StageSpec, entry_name, make_plan, run_pipeline
 from pipelines.stages.ingest import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 REGISTRY = (
-    StageSpec("ingest", "pipelines.stages.ingest:run_ingest", ("mnist", "ingest"), (),
+    StageSpec("ingest", run_ingest, ("mnist", "ingest"), (),
               ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
-    StageSpec("count", "stages_for_tests:count_labels", ("visualize",), ("ingest",),
+    StageSpec("count", count_labels, ("visualize",), ("ingest",),
               ("visualize.input",), ("visualize.output",)),
-    StageSpec("later", "stages_for_tests:broken", ("visualize",), ("count",), (), ()),
-    StageSpec("absent", "pipelines.not_written_yet:run_absent", ("visualize",), ("count",),
-              (), ()),
+    StageSpec("later", broken, ("visualize",), ("count",), (), ()),
 )
 
 
@@ -133,18 +132,15 @@ def test_tampered_manifest_is_not_trusted(spark, tmp_path, tiny_mnist_dir):
     assert _actions(_run(spark, config))["count"] == "ran"
 
 
-def test_selection_and_stages_missing_from_the_build(spark, tmp_path, tiny_mnist_dir):
+def test_stage_selection_and_bad_names(tmp_path, tiny_mnist_dir):
     out = tmp_path / "out"
     config = _config(out, tiny_mnist_dir)
     names = lambda plan: [s.name for s in plan.stages]  # noqa: E731
     assert names(make_plan(config, registry=REGISTRY, only=["count"])) == ["count"]
-    assert names(make_plan(config, registry=REGISTRY, from_stage="later")) == ["later", "absent"]
-    plan = make_plan(config, registry=REGISTRY)
-    assert plan.missing == {"absent"}
+    assert names(make_plan(config, registry=REGISTRY, from_stage="count")) == ["count", "later"]
+    assert names(make_plan(config, registry=REGISTRY)) == ["ingest", "count", "later"]
     with pytest.raises(ConfigError, match=r"unknown stage.*Received: \['nope'\]"):
         make_plan(config, registry=REGISTRY, only=["ingest", "nope"])
-    with pytest.raises(ConfigError, match="not in this build.*Received"):
-        make_plan(config, registry=REGISTRY, only=["absent"])
     with pytest.raises(ConfigError, match="unknown stage"):
         make_plan(_config(out, tiny_mnist_dir, "pipeline.stages=[ingest, typo]"),
                   registry=REGISTRY)
@@ -152,9 +148,7 @@ def test_selection_and_stages_missing_from_the_build(spark, tmp_path, tiny_mnist
     assert names(make_plan(only_ingest, registry=REGISTRY)) == ["ingest"]
     no_report = _config(out, tiny_mnist_dir, "pipeline.report=false")
     assert "report" not in names(make_plan(no_report))
-    # A full run walks past a stage that is not in this build, with a warning.
-    run = _run(spark, config, registry=(REGISTRY[0], REGISTRY[3]))
-    assert _actions(run) == {"ingest": "ran", "absent": "missing"}
+    assert names(make_plan(no_report))[-1] == "score"
 
 
 def test_registry_rows_are_well_formed():
@@ -162,7 +156,8 @@ def test_registry_rows_are_well_formed():
     assert names == ["ingest", "visualize", "export", "augment", "transfer", "train_cnn",
                      "score", "report"]
     for index, spec in enumerate(STAGES):
-        assert ":" in spec.entry and spec.sections
+        assert callable(spec.run) and spec.sections
+        assert entry_name(spec).startswith("pipelines.") and ":run_" in entry_name(spec)
         assert set(spec.upstream) <= set(names[:index]), spec.name
         assert all("." in key for key in (*spec.inputs, *spec.outputs)), spec.name
 

@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipelines.config import load_config
 from pipelines.stages.ingest import run_ingest
-from pipelines.stages.visualize import run_visualize, sample_per_class, sample_rows
+from pipelines.stages.visualize import _caption, run_visualize, sample_per_class, sample_rows
 
 
 @pytest.fixture
@@ -53,11 +53,16 @@ def test_visualize_rejects_parquet_without_labels(spark, ingested, tmp_path):
 
 
 def test_one_hot_captions_render(spark, ingested, tmp_path):
-    config = load_config(None, [
-        f"visualize.input={ingested.ingest.output}", f"visualize.output={tmp_path / 'oh'}",
-        "visualize.one_hot=true", "visualize.count=4", "visualize.splits=[test]",
-    ])
-    summary = run_visualize(spark, config)
-    png = (tmp_path / "oh" / "test.png").read_bytes()
-    assert Image.open(io.BytesIO(png)).size[0] > 0
-    assert set(summary["sheets"]) == {"test", "per_class"}
+    sheets = {}
+    for one_hot in (False, True):
+        out = tmp_path / f"one_hot_{one_hot}"
+        config = load_config(None, [
+            f"visualize.input={ingested.ingest.output}", f"visualize.output={out}",
+            f"visualize.one_hot={one_hot}", "visualize.count=4", "visualize.splits=[test]",
+        ])
+        summary = run_visualize(spark, config)
+        assert set(summary["sheets"]) == {"test", "per_class"}
+        sheets[one_hot] = np.asarray(Image.open(io.BytesIO((out / "test.png").read_bytes())))
+    # The same images, with a second caption line: the one-hot sheet is taller.
+    assert sheets[True].shape[0] > sheets[False].shape[0]
+    assert _caption(3, config.visualize, 10) == "3\n0001000000"

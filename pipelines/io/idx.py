@@ -10,10 +10,11 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pipelines.io.task_files import write_local_atomic
 
 #: IDX type code -> numpy dtype (big-endian, as stored).
 IDX_DTYPES = {
@@ -100,20 +101,5 @@ def encode_idx(array: np.ndarray) -> bytes:
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` as an uncompressed IDX file, atomically (temp file + rename)."""
     path = Path(path)
-    atomic_write_bytes(path, encode_idx(array))
+    write_local_atomic(os.fspath(path), encode_idx(array))
     return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

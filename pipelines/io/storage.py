@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from pyspark import TaskContext
 from pyspark.sql import SparkSession
 
+from pipelines.io.task_files import TEMP_MARK, temp_name
+
 logger = logging.getLogger(__name__)
 
-_TMP_MARK = "._tmp-"
 _OLD_MARK = "._old-"
 
 
@@ -100,9 +101,7 @@ class Storage:
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a small file atomically: into a temporary sibling, then renamed into place."""
         fs, jpath = self._path(path)
-        tmp = self._jvm.org.apache.hadoop.fs.Path(
-            jpath.getParent(), f".{jpath.getName()}{_TMP_MARK}{uuid.uuid4().hex}"
-        )
+        tmp = self._jvm.org.apache.hadoop.fs.Path(temp_name(jpath.toString(), uuid.uuid4().hex))
         fs.mkdirs(jpath.getParent())
         out = fs.create(tmp, True)
         try:
@@ -120,7 +119,7 @@ class Storage:
 
     def temp_sibling(self, path: str) -> str:
         """A fresh, unused path next to ``path`` for building a replacement of it."""
-        return f"{path.rstrip('/')}{_TMP_MARK}{uuid.uuid4().hex[:12]}"
+        return f"{path.rstrip('/')}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
 
     def publish_dir(self, tmp: str, final: str) -> None:
         """Move a finished folder ``tmp`` to ``final``, replacing what was there.
@@ -182,6 +181,6 @@ class Storage:
         prefix = jpath.getName()
         for status in fs.listStatus(parent):
             name = status.getPath().getName()
-            if name.startswith(prefix + _TMP_MARK) or name.startswith(prefix + _OLD_MARK):
+            if name.startswith(prefix + TEMP_MARK) or name.startswith(prefix + _OLD_MARK):
                 logger.info("removing leftover of an interrupted run: %s", status.getPath())
                 fs.delete(status.getPath(), True)

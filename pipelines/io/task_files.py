@@ -1,11 +1,11 @@
-"""File writes from inside Spark tasks, through fsspec (any filesystem fsspec knows).
+"""File writes from inside Spark tasks (fsspec, any filesystem it knows) and atomic local writes.
 
 Spark writes DataFrames with its commit protocol; files a task writes itself (one PNG per image)
 need their own guarantee. :meth:`FsspecFiles.write_atomic` writes into a hidden temporary
-sibling and renames it into place, so a reader never sees a partial file; writers of
-deterministic content then get exactly-once files under task retries and speculation (a second
-attempt replaces a file with the same bytes). :func:`remove_temp_files` clears the temporaries
-of attempts that were killed.
+sibling (:func:`temp_name`) and renames it into place, so a reader never sees a partial file;
+writers of deterministic content then get exactly-once files under task retries and speculation
+(a second attempt replaces a file with the same bytes). :func:`remove_temp_files` clears the
+temporaries of attempts that were killed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import os
 import uuid
 from typing import Any
 
-TEMP_MARK = ".tmp-"
+#: Marks every temporary name this project writes, files and staged folders alike (here, in
+#: :class:`pipelines.io.storage.Storage`, and in what cleans up after killed writers).
+TEMP_MARK = "._tmp-"
 
 #: Hadoop scheme -> fsspec protocol, where they differ.
 _SCHEMES = {"s3a": "s3", "s3n": "s3"}
@@ -32,6 +34,24 @@ def open_fs(uri: str, **storage_options: Any) -> tuple[Any, str]:
     if sep and scheme in _SCHEMES:
         uri = f"{_SCHEMES[scheme]}://{rest}"
     return fsspec.core.url_to_fs(uri, **storage_options)
+
+
+def temp_name(path: str, token: str) -> str:
+    """The hidden temporary sibling of file ``path`` for the writer ``token``."""
+    parent, _, name = path.rpartition("/")
+    return f"{parent}/.{name}{TEMP_MARK}{token}"
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a file name that :func:`temp_name` made."""
+    return name.startswith(".") and TEMP_MARK in name
+
+
+def write_local_atomic(path: str, data: bytes) -> None:
+    """Write a local file so that readers see either nothing or the whole file."""
+    files = LocalFiles(None)
+    files.makedirs(os.path.dirname(os.path.abspath(path)))
+    files.write_atomic(os.fspath(path), data)
 
 
 class FsspecFiles:
@@ -58,10 +78,18 @@ class FsspecFiles:
 
     def write_atomic(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` via a temporary sibling published with :meth:`publish`."""
-        parent, _, name = path.rpartition("/")
-        tmp = f"{parent}/.{name}{TEMP_MARK}{self.token}"
-        self.write(tmp, data)
-        self.publish(tmp, path)
+        tmp = temp_name(path, self.token)
+        try:
+            self.write(tmp, data)
+            self.publish(tmp, path)
+        except BaseException:
+            self.remove(tmp)
+            raise
+
+    def remove(self, path: str) -> None:
+        """Delete a file if it is there."""
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     def publish(self, tmp: str, final: str) -> None:
         """Rename a finished temporary file onto its final name.
@@ -110,6 +138,12 @@ class LocalFiles(FsspecFiles):
         finally:
             os.close(fd)
 
+    def remove(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
     def publish(self, tmp: str, final: str) -> None:
         os.replace(tmp, final)
 
@@ -142,9 +176,9 @@ def remove_temp_files(fs: Any, root: str) -> int:
 
     if isinstance(fs, LocalFileSystem):  # names only: no stat per file
         leftovers = [f"{folder}/{name}" for folder, _, names in os.walk(root)
-                     for name in names if TEMP_MARK in name]
+                     for name in names if is_temp_name(name)]
     else:
-        leftovers = [p for p in fs.find(root) if TEMP_MARK in p.rpartition("/")[2]]
+        leftovers = [p for p in fs.find(root) if is_temp_name(p.rpartition("/")[2])]
     for path in leftovers:
         fs.rm(path)
     return len(leftovers)

@@ -36,7 +36,6 @@ modification time is not seen: use ``--force`` then.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
@@ -44,7 +43,9 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
 
+from pipelines.io.digest import sha256_json
 from pipelines.io.storage import Storage
+from pipelines.io.task_files import is_temp_name
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +58,6 @@ VERSIONED = {
     "keras": ("keras",),
     "spark-image-pipelines": ("spark-image-pipelines",),
 }
-
-
-def sha256_json(value: Any) -> str:
-    """SHA-256 of the canonical JSON of ``value`` (sorted keys, no spaces)."""
-    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def utc_now() -> str:
@@ -143,7 +138,7 @@ class ManifestStore:
         if not self.storage.is_dir(self.folder):
             return
         for name in self.storage.list(self.folder):
-            if name.startswith(".") and "._tmp-" in name:
+            if is_temp_name(name):
                 logger.info("removing leftover of an interrupted run: %s/%s", self.folder, name)
                 self.storage.delete(f"{self.folder}/{name}")
 

@@ -1,7 +1,8 @@
 """The run report: one static HTML page (and one metrics JSON) a person opens in a browser.
 
-``run_report`` reads what the stages left under ``output_root`` (their manifests, the run summary
-and the files listed in :data:`ARTIFACTS`) and writes ``<report.output>/index.html``,
+``run_report`` reads what the stages recorded (their manifests, whose summaries list the files
+each stage wrote under ``artifacts``, and the run summary) and writes
+``<report.output>/index.html``,
 ``metrics.json`` and ``img/*.png``: images are copied next to the page and linked relatively, so
 the folder works from ``file://`` and anywhere it is copied. A stage that did not run gets a
 section saying so. Nothing is fetched from the network (no scripts, fonts or styles from outside).
@@ -11,7 +12,6 @@ The report is written through a staged folder, so a failed report leaves the pre
 
 from __future__ import annotations
 
-import fnmatch
 import html
 import json
 import logging
@@ -26,30 +26,19 @@ from pipelines.run.manifest import ManifestStore, utc_now
 
 logger = logging.getLogger(__name__)
 
-#: The files stages are expected to write, relative to ``output_root``. One place to align
-#: stage outputs with the report: a glob (``*``) is allowed in the last path component.
-ARTIFACTS: dict[str, str] = {
-    "contact_sheets": "sheets/*.png",                  # visualize: one PNG per sheet
-    "augmented_samples": "augmented/sheet.png",        # augment: originals beside augmented
-    "transfer_metrics": "transfer/metrics.json",       # transfer: accuracy, per-class, weights
-    "transfer_confusion": "transfer/confusion_matrix.png",
-    "cnn_metrics": "cnn/metrics.json",                 # train_cnn: test accuracy, history
-    "cnn_confusion": "cnn/confusion_matrix.png",
-    "cnn_curves": "cnn/training_curves.png",
-    "score_metrics": "scores/_metrics.json",           # score: metrics of the scored splits
-}
-
-#: Page sections after the dataset: (title, stage, artifacts shown, what the stage does).
-SECTIONS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
-    ("Contact sheets", "visualize", ("contact_sheets",), "Samples of each split and class."),
-    ("Exported files", "export", (), "Images written as PNG files by split and label."),
-    ("Augmented samples", "augment", ("augmented_samples",), "Training images augmented."),
-    ("Transfer learning", "transfer", ("transfer_metrics", "transfer_confusion"),
+#: Page sections after the dataset: (title, stage, what the stage does). What a section shows
+#: is what its stage's manifest lists in ``summary.artifacts`` (name -> path or list of paths):
+#: ``metrics`` is a JSON file shown as tables, every other entry a PNG image.
+SECTIONS: tuple[tuple[str, str, str], ...] = (
+    ("Contact sheets", "visualize", "Samples of each split and class."),
+    ("Exported files", "export", "Images written as PNG files by split and label."),
+    ("Augmented samples", "augment", "Training images augmented."),
+    ("Transfer learning", "transfer",
      "Features from a pre-trained network and a classifier on top."),
-    ("CNN", "train_cnn", ("cnn_metrics", "cnn_confusion", "cnn_curves"),
-     "A convolutional network trained on the images."),
-    ("Scoring", "score", ("score_metrics",), "Models applied to the held-out images."),
+    ("CNN", "train_cnn", "A convolutional network trained on the images."),
+    ("Scoring", "score", "Models applied to the held-out images."),
 )
+METRICS = "metrics"
 
 _PAGE = Template("""<!DOCTYPE html>
 <html lang="en">
@@ -81,16 +70,15 @@ $body
 def run_report(spark: SparkSession, config: Config) -> dict[str, Any]:
     """The report stage: gather what the stages wrote and publish the page."""
     storage = Storage(spark)
-    root = config.output_root.rstrip("/")
     manifests = _read_manifests(storage, config.pipeline.manifests)
     run = _read_json(storage, config.pipeline.run_summary) or {}
-    found = {name: _find(storage, root, pattern) for name, pattern in ARTIFACTS.items()}
     metrics = {
-        name.removesuffix("_metrics"): _read_json(storage, paths[0])
-        for name, paths in found.items() if name.endswith("_metrics") and paths
+        stage: data for stage, manifest in manifests.items()
+        if (path := artifacts_of(manifest).get(METRICS))
+        and (data := _read_json(storage, path)) is not None
     }
     images: dict[str, bytes] = {}
-    page = render_page(config, run, manifests, found, metrics, images, storage)
+    page = render_page(config, run, manifests, metrics, images, storage)
     merged = {
         "generated_at": utc_now(),
         "run": run,
@@ -103,7 +91,7 @@ def run_report(spark: SparkSession, config: Config) -> dict[str, Any]:
             storage.write_bytes(f"{tmp}/img/{name}", data)
         storage.write_text(f"{tmp}/metrics.json", json.dumps(merged, indent=2, default=str))
         storage.write_text(f"{tmp}/index.html", page)
-    missing = [stage for _, stage, _, _ in SECTIONS if stage not in manifests]
+    missing = [stage for _, stage, _ in SECTIONS if stage not in manifests]
     logger.info("report written to %s/index.html (%d images; stages without output: %s)",
                 config.report.output, len(images), missing or "none")
     return {"output": config.report.output, "page": f"{config.report.output}/index.html",
@@ -113,14 +101,13 @@ def run_report(spark: SparkSession, config: Config) -> dict[str, Any]:
 
 def render_page(
     config: Config, run: dict[str, Any], manifests: dict[str, dict[str, Any]],
-    found: dict[str, list[str]], metrics: dict[str, Any], images: dict[str, bytes],
-    storage: Storage,
+    metrics: dict[str, Any], images: dict[str, bytes], storage: Storage,
 ) -> str:
     """The HTML of the page; fills ``images`` (file name -> PNG bytes) with what it links."""
     parts = [_timings(run, manifests), _dataset(manifests.get("ingest"))]
-    for title, stage, artifacts, what in SECTIONS:
-        parts.append(_section(title, stage, artifacts, what, manifests.get(stage), found,
-                              metrics, images, storage))
+    for title, stage, what in SECTIONS:
+        parts.append(_section(title, stage, what, manifests.get(stage), metrics.get(stage),
+                              images, storage))
     parts.append(_weights(find_weights({"stages": manifests, "metrics": metrics})))
     parts.append(_versions(manifests))
     status = run.get("status", "unknown")
@@ -130,6 +117,12 @@ def render_page(
                 f"output root {config.output_root}; page generated {utc_now()}.")
     return _PAGE.substitute(title=_e(config.report.title), subtitle=_e(subtitle),
                             body="\n".join(parts))
+
+
+def artifacts_of(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """The files a stage recorded in its manifest: name -> path (or list of paths)."""
+    summary = (manifest or {}).get("summary")
+    return dict(summary.get("artifacts") or {}) if isinstance(summary, dict) else {}
 
 
 def find_weights(tree: Any, path: str = "") -> dict[str, Any]:
@@ -201,35 +194,28 @@ def _dataset(ingest: dict[str, Any] | None) -> str:
 
 
 def _section(
-    title: str, stage: str, artifacts: tuple[str, ...], what: str,
-    manifest: dict[str, Any] | None, found: dict[str, list[str]], metrics: dict[str, Any],
+    title: str, stage: str, what: str, manifest: dict[str, Any] | None, metrics: Any,
     images: dict[str, bytes], storage: Storage,
 ) -> str:
     anchor = stage.replace("_", "-")
     parts = [f"<h2 id=\"{anchor}\">{_e(title)}</h2>", f"<p class=\"note\">{_e(what)}</p>"]
-    have_files = any(found.get(a) for a in artifacts)
     if manifest is None:
         parts.append(_not_run(stage))
-        if not have_files:
-            return "\n".join(parts)
-        parts.append("<p class=\"missing\">Files from an earlier or unfinished run are shown "
-                     "below; they may not match this configuration.</p>")
-    else:
-        parts.append(f"<p>Finished {_e(manifest.get('finished_at'))} in "
-                     f"{_fmt(manifest.get('seconds'))} s.</p>")
-        parts.append(_details("Stage summary", render_value(manifest.get("summary", {}))))
-    for artifact in artifacts:
-        paths = found.get(artifact, [])
-        if artifact.endswith("_metrics"):
-            data = metrics.get(artifact.removesuffix("_metrics"))
-            if data is not None:
-                parts.append("<h3>Metrics</h3>" + render_value(data))
+        return "\n".join(parts)
+    parts.append(f"<p>Finished {_e(manifest.get('finished_at'))} in "
+                 f"{_fmt(manifest.get('seconds'))} s.</p>")
+    parts.append(_details("Stage summary", render_value(manifest.get("summary", {}))))
+    if metrics is not None:
+        parts.append("<h3>Metrics</h3>" + render_value(metrics))
+    for name, value in artifacts_of(manifest).items():
+        if name == METRICS:
             continue
-        if not paths:
-            parts.append(f"<p class=\"missing\">No <code>{_e(ARTIFACTS[artifact])}</code> "
-                         "was found.</p>")
-        for path in paths:
-            file_name = f"{artifact}-{path.rsplit('/', 1)[-1]}"
+        for path in value if isinstance(value, list) else [value]:
+            if not storage.exists(path):
+                parts.append(f"<p class=\"missing\">The {_e(name.replace('_', ' '))} file "
+                             f"<code>{_e(path)}</code> the stage recorded is gone.</p>")
+                continue
+            file_name = f"{stage}-{path.rsplit('/', 1)[-1]}"
             images[file_name] = storage.read_bytes(path)
             caption = path.rsplit("/", 1)[-1].removesuffix(".png").replace("_", " ")
             parts.append(f"<figure><img src=\"img/{_e(file_name)}\" alt=\"{_e(caption)}\">"
@@ -283,7 +269,7 @@ def _details(summary: str, body: str) -> str:
 
 def _not_run(stage: str) -> str:
     return (f"<p class=\"missing\">The <b>{_e(stage)}</b> stage has not run (no manifest): "
-            "it was not selected, is not in this build, or failed.</p>")
+            "it was not selected, or it failed.</p>")
 
 
 def _fmt(value: Any) -> str:
@@ -315,16 +301,6 @@ def _read_manifests(storage: Storage, folder: str) -> dict[str, dict[str, Any]]:
     names = [n.removesuffix(".json") for n in storage.list(folder)
              if n.endswith(".json") and not n.startswith(".")]
     return {name: m for name in names if (m := store.read(name)) is not None}
-
-
-def _find(storage: Storage, root: str, pattern: str) -> list[str]:
-    folder, _, name = f"{root}/{pattern}".rpartition("/")
-    if "*" not in name:
-        path = f"{folder}/{name}"
-        return [path] if storage.exists(path) else []
-    if not storage.is_dir(folder):
-        return []
-    return [f"{folder}/{n}" for n in storage.list(folder) if fnmatch.fnmatch(n, name)]
 
 
 def _stage_digest(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """The pipeline run: every stage in order, from one config, in one SparkSession, re-runnable.
 
-The stages are a table (:data:`STAGES`): adding a stage is adding a row. A run walks the selected
-rows in order. A stage whose manifest (:mod:`pipelines.run.manifest`) still matches (same digest of
-the config sections it reads, same inputs, outputs unchanged) is skipped; any other stage runs,
-and so does every stage downstream of one that ran. A stage's old manifest is deleted before it
-starts and the new one written only after it returned, so a stage that failed or was killed is
-redone by the next run. A failure stops the run: :class:`~pipelines.run.cli.StageFailed`, exit 1.
+The stages are a table (:data:`STAGES`) of stage functions: adding a stage is adding a row. A
+run walks the selected rows in order. A stage whose manifest (:mod:`pipelines.run.manifest`)
+still matches (same digest of the config sections it reads, same inputs, outputs unchanged) is
+skipped; any other stage runs, and so does every stage downstream of one that ran. A stage's old
+manifest is deleted before it starts and the new one written only after it returned, so a stage
+that failed or was killed is redone by the next run. A failure stops the run
+(:class:`~pipelines.run.cli.StageFailed`, exit code 1).
 
 Progress goes to the log (``stage 3/8 export: skipped (up to date)``) and to the run summary
 ``pipeline.run_summary`` (default ``{output_root}/run.json``), rewritten after every stage.
@@ -14,8 +15,6 @@ Progress goes to the log (``stage 3/8 export: skipped (up to date)``) and to the
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import logging
 import time
@@ -29,16 +28,24 @@ from pyspark.sql import SparkSession
 
 from pipelines.config import Config, ConfigError
 from pipelines.faults import maybe_fail
+from pipelines.io.digest import sha256_json
 from pipelines.io.storage import Storage
 from pipelines.run.cli import StageFailed
 from pipelines.run.manifest import (
     ManifestStore,
     build_manifest,
     fingerprint,
-    sha256_json,
     stale_reason,
     utc_now,
 )
+from pipelines.run.report import run_report
+from pipelines.stages.augment import run_augment
+from pipelines.stages.export import run_export
+from pipelines.stages.ingest import run_ingest
+from pipelines.stages.score import run_score
+from pipelines.stages.train_cnn import run_train_cnn
+from pipelines.stages.transfer import run_transfer
+from pipelines.stages.visualize import run_visualize
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +55,8 @@ class StageSpec(NamedTuple):
 
     #: Name used by ``--only``/``--from``, the manifest file and the logs.
     name: str
-    #: ``"module:function"``; the function is ``f(spark, config) -> dict`` (a JSON-able summary).
-    entry: str
+    #: The stage: ``run(spark, config) -> dict`` (a JSON-able summary).
+    run: Callable[[SparkSession, Config], Any]
     #: Config sections the stage reads: a change in any of them makes it run again.
     sections: tuple[str, ...]
     #: Stages whose outputs it reads: when one of them ran, this one runs too.
@@ -60,39 +67,32 @@ class StageSpec(NamedTuple):
     outputs: tuple[str, ...] = ()
 
 
-#: The pipeline, in run order:
-#: (name, "module:function", config sections, upstream stages, input path keys, output path keys).
-#: A row whose module is not in this build is skipped with a warning in a full run and is an
-#: error when named with --only/--from.
-STAGE_TABLE: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...], tuple[str, ...],
-                         tuple[str, ...]], ...] = (
-    ("ingest", "pipelines.stages.ingest:run_ingest", ("mnist", "ingest"), (),
-     ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
-    ("visualize", "pipelines.stages.visualize:run_visualize", ("visualize",), ("ingest",),
-     ("visualize.input",), ("visualize.output",)),
-    ("export", "pipelines.stages.export:run_export", ("export",), ("ingest",),
-     ("export.input",), ("export.output",)),
-    ("augment", "pipelines.stages.augment:run_augment", ("augment",), ("ingest", "export"),
-     ("augment.input",), ("augment.output",)),
-    ("transfer", "pipelines.stages.transfer:run_transfer", ("transfer",), ("ingest",),
-     ("transfer.input",), ("transfer.output",)),
-    ("train_cnn", "pipelines.stages.train_cnn:run_train_cnn", ("cnn",), ("ingest", "augment"),
-     ("cnn.inputs",), ("cnn.output",)),
-    ("score", "pipelines.stages.score:run_score", ("score",), ("train_cnn",),
-     ("score.input", "score.model"), ("score.output",)),
-    ("report", "pipelines.run.report:run_report", ("report",),
-     ("ingest", "visualize", "export", "augment", "transfer", "train_cnn", "score"),
-     (), ("report.output",)),
+#: The pipeline, in run order.
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("ingest", run_ingest, ("mnist", "ingest"), (),
+              ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
+    StageSpec("visualize", run_visualize, ("visualize",), ("ingest",),
+              ("visualize.input",), ("visualize.output",)),
+    StageSpec("export", run_export, ("export",), ("ingest",),
+              ("export.input",), ("export.output",)),
+    StageSpec("augment", run_augment, ("augment",), ("ingest", "export"),
+              ("augment.input",), ("augment.output",)),
+    StageSpec("transfer", run_transfer, ("transfer",), ("ingest",),
+              ("transfer.input",), ("transfer.output",)),
+    StageSpec("train_cnn", run_train_cnn, ("cnn",), ("ingest", "augment"),
+              ("cnn.inputs",), ("cnn.output",)),
+    StageSpec("score", run_score, ("score",), ("train_cnn",),
+              ("score.input", "score.model"), ("score.output",)),
+    StageSpec("report", run_report, ("report",),
+              ("ingest", "visualize", "export", "augment", "transfer", "train_cnn", "score"),
+              (), ("report.output",)),
 )
-STAGES: tuple[StageSpec, ...] = tuple(StageSpec(*row) for row in STAGE_TABLE)
 
 
 class Plan(NamedTuple):
     """What a run will consider: the selected stages in order, and whether to redo them all."""
 
     stages: tuple[StageSpec, ...]
-    #: Selected stages that are not in this build (skipped with a warning).
-    missing: frozenset[str]
     force: bool = False
 
 
@@ -135,39 +135,14 @@ def make_plan(
         selected = [spec for spec in registry if spec.name in wanted]
         if not config.pipeline.report:
             selected = [spec for spec in selected if spec.name != "report"]
-    missing = {spec.name for spec in selected if not stage_available(spec)}
-    explicit = sorted(missing & set(named))
-    if explicit:
-        entries = [spec.entry for spec in selected if spec.name in explicit]
-        raise ConfigError(
-            f"stage(s) {explicit} are registered but not in this build (module not found: "
-            f"{entries}). Received: --only/--from {explicit!r}"
-        )
     for spec in selected:
-        if spec.name not in missing:
-            _check_config_keys(config, spec)
-    return Plan(tuple(selected), frozenset(missing), force)
+        _check_config_keys(config, spec)
+    return Plan(tuple(selected), force)
 
 
-def stage_available(spec: StageSpec) -> bool:
-    """True when the stage's module exists in this build (it is not imported here)."""
-    module = spec.entry.partition(":")[0]
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # a parent package is missing
-        return False
-
-
-def load_stage(spec: StageSpec) -> Callable[[SparkSession, Config], Any]:
-    module_name, _, func_name = spec.entry.partition(":")
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, func_name)
-    except AttributeError:
-        raise ImportError(
-            f"stage {spec.name!r}: module {module_name!r} has no function {func_name!r}. "
-            f"Received: entry={spec.entry!r}"
-        ) from None
+def entry_name(spec: StageSpec) -> str:
+    """``module:function`` of the stage, as manifests record it."""
+    return f"{spec.run.__module__}:{spec.run.__qualname__}"
 
 
 def config_value(config: Config, key: str) -> Any:
@@ -209,11 +184,6 @@ def run_pipeline(
         label = f"stage {index}/{total} {spec.name}"
         record: dict[str, Any] = {"stage": spec.name}
         run["stages"].append(record)
-        if spec.name in plan.missing:
-            logger.warning("%s: skipped (not in this build: module of %s not found)",
-                           label, spec.entry)
-            record.update(action="missing", reason=f"module of {spec.entry} not found")
-            continue
         record["action"] = "running"
         _write_run(storage, config, run)  # what the report stage (and a watcher) sees
         t0 = time.perf_counter()
@@ -260,10 +230,9 @@ def _run_stage(
         return "skipped", "up to date", manifest
     logger.info("%s: running (%s)", label, reason)
     store.delete(spec.name)  # from here on, a crash leaves no manifest: the next run redoes it
-    stage_fn = load_stage(spec)
     maybe_fail(f"runner.{spec.name}.start")
     started_at, t0 = utc_now(), time.perf_counter()
-    summary = stage_fn(spark, config)
+    summary = spec.run(spark, config)
     seconds = time.perf_counter() - t0
     maybe_fail(f"runner.{spec.name}.finish")
     spark.catalog.clearCache()
@@ -272,7 +241,7 @@ def _run_stage(
     if absent:
         raise RuntimeError(f"stage {spec.name!r} returned but wrote no output at {absent}")
     manifest = store.write(build_manifest(
-        stage=spec.name, entry=spec.entry, run_id=run_id, sections=list(spec.sections),
+        stage=spec.name, entry=entry_name(spec), run_id=run_id, sections=list(spec.sections),
         config_digest=config_digest, inputs=inputs, outputs=outputs, summary=summary,
         started_at=started_at, seconds=seconds, spark_version=spark.version,
     ))

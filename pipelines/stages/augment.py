@@ -45,6 +45,7 @@ from pipelines.imaging.image_struct import (
     struct_to_array,
     to_rgb,
 )
+from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA, read_images
 from pipelines.io.storage import Storage
 from pipelines.io.task_files import (
     LocalFiles,
@@ -53,16 +54,12 @@ from pipelines.io.task_files import (
     open_fs,
     remove_temp_files,
 )
-from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 
 AUGMENTED_SCHEMA = StructType(
     [
-        StructField("id", StringType(), False),
-        StructField("split", StringType(), False),
-        StructField("label", IntegerType(), False),
-        StructField("image", IMAGE_STRUCT, False),
+        *IMAGE_ROW_SCHEMA.fields,
         StructField("source_id", StringType(), False),
         StructField("sample", IntegerType(), True),
         StructField("operations", StringType(), False),
@@ -116,6 +113,8 @@ def run_augment(spark: SparkSession, config: Config) -> dict[str, Any]:
             "operations": [op.model_dump() for op in cfg.operations],
             "sheet_rows": shown_rows,
             "seconds": round(time.perf_counter() - started, 2),
+            "artifacts": ({"samples": f"{cfg.output.rstrip('/')}/sheet.png"}
+                          if shown_rows else {}),
         }
         report = {**summary, "bad": sorted(bad, key=lambda b: b["path"])[:_REPORT_BAD_LIMIT]}
         if len(bad) > _REPORT_BAD_LIMIT:

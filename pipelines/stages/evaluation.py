@@ -1,5 +1,6 @@
-"""Classification metrics and plots for a trained classifier: confusion matrix, per-class
-precision/recall, training curves (PNG bytes via matplotlib's Agg backend, no display needed).
+"""Classification metrics and plots, for every stage that evaluates a classifier (transfer,
+train_cnn, score): confusion matrix, top-1 accuracy, weighted F1, per-class precision/recall/F1,
+training curves (PNG bytes via matplotlib's Agg backend, no display needed).
 """
 
 from __future__ import annotations
@@ -19,27 +20,41 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
     return flat[: num_classes * num_classes].reshape(num_classes, num_classes)
 
 
-def classification_metrics(matrix: np.ndarray) -> dict[str, Any]:
-    """Top-1 accuracy and per-class precision/recall/support from a confusion matrix."""
+def classification_metrics(
+    matrix: np.ndarray, class_names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Metrics of a confusion matrix (rows: true label, columns: prediction).
+
+    ``top1`` is the accuracy and ``weighted_f1`` Spark's ``weightedFMeasure``; per class,
+    precision and recall are ``None`` where they are undefined (nothing predicted or nothing
+    true of that class), and count as 0 in the weighted F1, as Spark counts them.
+    """
     matrix = np.asarray(matrix, np.int64)
+    n = len(matrix)
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"class_names must name all {n} labels. Received: {len(names)} names")
     total = int(matrix.sum())
-    hits = np.diag(matrix)
-    predicted = matrix.sum(axis=0)
-    actual = matrix.sum(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = np.where(predicted > 0, hits / np.maximum(predicted, 1), np.nan)
-        recall = np.where(actual > 0, hits / np.maximum(actual, 1), np.nan)
+    hits = np.diag(matrix).astype(float)
+    predicted = matrix.sum(axis=0).astype(float)
+    actual = matrix.sum(axis=1).astype(float)
+    precision = np.divide(hits, predicted, out=np.full(n, np.nan), where=predicted > 0)
+    recall = np.divide(hits, actual, out=np.full(n, np.nan), where=actual > 0)
+    p, r = np.nan_to_num(precision), np.nan_to_num(recall)
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros(n), where=(p + r) > 0)
+
+    def rounded(value: float) -> float | None:
+        return None if np.isnan(value) else round(float(value), 6)
+
     return {
         "rows": total,
         "top1": float(hits.sum() / total) if total else None,
+        "weighted_f1": float((f1 * actual).sum() / total) if total else None,
         "per_class": [
-            {
-                "label": i,
-                "precision": None if np.isnan(precision[i]) else round(float(precision[i]), 6),
-                "recall": None if np.isnan(recall[i]) else round(float(recall[i]), 6),
-                "support": int(actual[i]),
-            }
-            for i in range(len(matrix))
+            {"label": i, "name": names[i], "precision": rounded(precision[i]),
+             "recall": rounded(recall[i]), "f1": round(float(f1[i]), 6),
+             "support": int(actual[i])}
+            for i in range(n)
         ],
         "confusion_matrix": matrix.tolist(),
     }
@@ -95,7 +110,7 @@ def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], title: 
             if matrix[i, j]:
                 ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > top ** 0.5 * 4 else "black")
-    ax.set_xticks(range(n), class_names)
+    ax.set_xticks(range(n), class_names, rotation=45 if n > 10 else 0)
     ax.set_yticks(range(n), class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true label")

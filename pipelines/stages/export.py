@@ -9,7 +9,7 @@ one channel, colour structs (BGR(A), like Spark's image source) become RGB(A) PN
 
 Exactly once, whatever retries or speculative tasks do:
 
-- every file is written under a hidden temporary name (``.<id>.png.<attempt>.tmp``) and then
+- every file is written under a hidden temporary name (``.<id>.png._tmp-<attempt>``) and then
   renamed to ``<id>.png``. A file name depends on the row only, so another attempt of the same
   task renames the same bytes onto the same name; temporary files of killed attempts are removed
   before the run ends, and until then neither Spark (hidden name) nor Keras (not ``.png``)
@@ -30,7 +30,6 @@ credentials; pyarrow.fs alone knows no ``s3a://`` and no Azure/GCS variants Spar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -47,14 +46,14 @@ from pyspark.sql import functions as F
 from pipelines.config import Config, ExportConfig
 from pipelines.faults import maybe_fail
 from pipelines.imaging.image_struct import CHANNELS_BY_OCV_MODE, encode_png, is_image_struct, to_rgb
+from pipelines.io.digest import sha256_json
+from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
-from pipelines.io.task_files import local_files, open_fs
-from pipelines.stages.ingest import read_images
+from pipelines.io.task_files import is_temp_name, local_files, open_fs, temp_name
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "_export.json"
-_TMP_SUFFIX = ".tmp"
 #: Files an attempt writes before the ``export.write`` failpoint may fire (a kill then leaves
 #: committed files and one temporary file behind, the case the commit protocol must survive).
 _FAILPOINT_AFTER = 8
@@ -217,7 +216,7 @@ def _png_writer(
                     stats[key][1] += 1
                     continue
                 png = _encode(values, offsets[i], shapes[i], compress_level)
-                tmp = f"{folder}/.{name}.{attempt}{_TMP_SUFFIX}"
+                tmp = temp_name(f"{folder}/{name}", str(attempt))
                 files.write(tmp, png)
                 done += 1
                 if done > _FAILPOINT_AFTER:
@@ -294,7 +293,7 @@ def _finish_folders(
     removed = 0
     for split, label in folders:
         names = files.names(f"{base}/split={split}/label={label}")
-        leftovers = [n for n in names if n.startswith(".") and n.endswith(_TMP_SUFFIX)]
+        leftovers = [n for n in names if is_temp_name(n)]
         for name in leftovers:
             fs.rm(f"{base}/split={split}/label={label}/{name}")
         removed += len(leftovers)
@@ -318,12 +317,8 @@ def _selection(storage: Storage, cfg: ExportConfig) -> dict[str, Any]:
     }
 
 
-def _fingerprint(selection: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(selection, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _manifest(selection: dict[str, Any], counts: dict[str, Any], status: str) -> str:
-    body = {"status": status, "fingerprint": _fingerprint(selection), "selection": selection,
+    body = {"status": status, "fingerprint": sha256_json(selection, 16), "selection": selection,
             "files": counts.get("files"), "per_split_label": counts.get("per_split_label")}
     return json.dumps(body, indent=2, sort_keys=True) + "\n"
 
@@ -340,7 +335,7 @@ def _check_skip_target(storage: Storage, output: str, selection: dict[str, Any])
             f"export.output={output!r}"
         )
     previous = json.loads(storage.read_bytes(manifest))
-    if previous.get("fingerprint") != _fingerprint(selection):
+    if previous.get("fingerprint") != sha256_json(selection, 16):
         raise ValueError(
             f"export.mode is 'skip' but {output!r} holds an export of another selection; "
             "skipping would mix two exports, use mode 'replace'. "

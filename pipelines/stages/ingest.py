@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
-from pipelines.config import Config, IngestConfig
+from pipelines.config import Config
 from pipelines.imaging.image_struct import IMAGE_STRUCT, OCV_MODE_BY_CHANNELS
+from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA, write_image_parquet
 from pipelines.io.storage import Storage
 from pipelines.stages.mnist import (
     TEST_IMAGES,
@@ -29,15 +29,6 @@ from pipelines.stages.mnist import (
 
 logger = logging.getLogger(__name__)
 
-IMAGE_ROW_SCHEMA = StructType(
-    [
-        StructField("id", StringType(), False),
-        StructField("split", StringType(), False),
-        StructField("label", IntegerType(), False),
-        StructField("image", IMAGE_STRUCT, False),
-    ]
-)
-SPLITS = ("train", "validation", "test")
 
 
 def run_ingest(spark: SparkSession, config: Config) -> dict[str, Any]:
@@ -59,7 +50,7 @@ def run_ingest(spark: SparkSession, config: Config) -> dict[str, Any]:
             raise ValueError("ingest.source is 'folder' but ingest.folder is not set")
         df = image_folder_frame(spark, cfg.folder, cfg.folder_split, cfg.class_names)
         source = f"folder {cfg.folder}"
-    counts = write_image_parquet(spark, df, cfg)
+    counts = write_image_parquet(spark, df, cfg.output, cfg.partitions)
     summary = {
         "source": source,
         "output": cfg.output,
@@ -167,37 +158,3 @@ def _discover_labels(df: DataFrame) -> list[str]:
     if names and all(n.isdigit() for n in names):
         return [str(i) for i in range(max(int(n) for n in names) + 1)]
     return sorted(names)
-
-
-def write_image_parquet(spark: SparkSession, df: DataFrame, cfg: IngestConfig) -> dict[str, int]:
-    """Write an image DataFrame as Parquet partitioned by split, replacing the output atomically.
-
-    Rows are range-partitioned by (split, id) so reruns produce the same files with the same
-    rows in the same order. Returns the row count per split, read back from what was written.
-    """
-    storage = Storage(spark)
-    ordered = df.repartitionByRange(cfg.partitions, "split", "id").sortWithinPartitions(
-        "split", "id"
-    )
-    with storage.staged_dir(cfg.output) as tmp:
-        ordered.write.mode("error").partitionBy("split").parquet(tmp)
-        written = spark.read.parquet(tmp).groupBy("split").count().collect()
-    return {r["split"]: r["count"] for r in sorted(written, key=lambda r: _split_order(r["split"]))}
-
-
-def _split_order(split: str) -> tuple[int, str]:
-    return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)
-
-
-def read_images(spark: SparkSession, path: str) -> DataFrame:
-    """Read image Parquet written by this project; fails clearly when ``path`` is not one."""
-    try:
-        df = spark.read.parquet(path)
-    except Exception as exc:  # AnalysisException: path missing or not Parquet
-        raise FileNotFoundError(f"cannot read image Parquet at {path!r}: {exc}") from None
-    if "image" not in df.columns:
-        raise ValueError(
-            f"{path!r} is not image Parquet: it has no 'image' column. Received columns: "
-            f"{df.columns}"
-        )
-    return df

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import subprocess
 import sys
@@ -36,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.config import MnistConfig
-from pipelines.io.idx import IdxFormatError, atomic_write_bytes, encode_idx, read_idx, write_idx
+from pipelines.io.idx import IdxFormatError, encode_idx, read_idx, write_idx
+from pipelines.io.task_files import write_local_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +234,7 @@ def _download_verified(config: MnistConfig, filename: str, sha256: str, target: 
                 errors.append(f"{url}: SHA-256 {digest} != expected {sha256}")
                 logger.warning("%s: SHA-256 mismatch (got %s, expected %s)", url, digest, sha256)
                 continue
-            atomic_write_bytes(target, data)
+            write_local_atomic(os.fspath(target), data)
             logger.info("downloaded %s (%d bytes, SHA-256 ok)", url, len(data))
             return
         if attempt < config.retries:
@@ -308,7 +310,7 @@ def _unit_floats_to_uint8(values: np.ndarray, what: str) -> np.ndarray:
 
 
 def _write_provenance(cache: Path, origin: str) -> None:
-    atomic_write_bytes(cache / _PROVENANCE, json.dumps({"source": origin}).encode())
+    write_local_atomic(os.fspath(cache / _PROVENANCE), json.dumps({"source": origin}).encode())
 
 
 def _read_provenance(cache: Path) -> str:

@@ -18,10 +18,10 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.config import Config, ScoreConfig
+from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
 from pipelines.ml.classifier import KerasImageClassifier
 from pipelines.stages.evaluation import classification_metrics
-from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def run_score(spark: SparkSession, config: Config) -> dict[str, Any]:
             metrics = score_metrics(written)
             storage.write_text(f"{tmp}/_metrics.json", json.dumps(metrics, indent=2) + "\n")
             summary["top1"] = metrics["top1"]
+            summary["artifacts"] = {"metrics": f"{cfg.output.rstrip('/')}/_metrics.json"}
     summary["seconds"] = round(time.perf_counter() - started, 1)
     logger.info("score: %s rows, top-1 %s, written to %s", summary["rows"],
                 summary.get("top1"), cfg.output)

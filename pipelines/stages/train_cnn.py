@@ -30,6 +30,7 @@ from pyspark.sql import SparkSession
 
 from pipelines.config import CnnConfig, Config
 from pipelines.faults import maybe_fail
+from pipelines.io.digest import sha256_json
 from pipelines.io.storage import Storage
 from pipelines.ml.architectures import ArchitectureSpec, resolve_architecture
 from pipelines.ml.datasets import make_dataset, open_split
@@ -67,21 +68,26 @@ def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
     """The train_cnn job: train, evaluate on the test split, publish the outputs."""
     cfg = config.cnn
     storage = Storage(spark)
-    summary = train_cnn(cfg)
-    publish_dir = Path(summary.pop("local_dir"))
+    summary, publish_dir = train_cnn(cfg)
     with storage.staged_dir(cfg.output) as tmp:
         for path in sorted(publish_dir.rglob("*")):
             if path.is_file():
                 storage.write_bytes(f"{tmp}/{path.relative_to(publish_dir)}", path.read_bytes())
+    output = cfg.output.rstrip("/")
     summary["output"] = cfg.output
-    summary["model"] = f"{cfg.output.rstrip('/')}/model.keras"
+    summary["model"] = f"{output}/model.keras"
+    summary["artifacts"] = {
+        "metrics": f"{output}/metrics.json",
+        "training_curves": f"{output}/training_curves.png",
+        **({"confusion_matrix": f"{output}/confusion_matrix.png"} if "test" in summary else {}),
+    }
     return summary
 
 
-def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
+def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     """Train and evaluate; write every output under ``<checkpoint_dir>/publish``.
 
-    Returns the summary written to ``metrics.json`` plus ``local_dir`` (the publish folder).
+    Returns the summary written to ``metrics.json`` and the publish folder.
     Needs no SparkSession: the driver reads Parquet itself.
     """
     import keras
@@ -186,8 +192,7 @@ def train_cnn(cfg: CnnConfig) -> dict[str, Any]:
     logger.info("cnn: test %s, fit %.1fs, wall %.1fs",
                 {k: v for k, v in (evaluation or {}).items() if k in ("loss", "top1", "keras")},
                 fit_seconds, summary["wall_seconds"])
-    summary["local_dir"] = str(publish)
-    return summary
+    return summary, publish
 
 
 def _callbacks(cfg: CnnConfig, work: Path) -> list[Any]:
@@ -251,9 +256,7 @@ def _evaluate(model: Any, test: Any, batch_size: int, cfg: CnnConfig,
 
 def _run_digest(cfg: CnnConfig, spec: ArchitectureSpec, epochs: int, batch_size: int) -> str:
     settings = cfg.model_dump(mode="json", exclude=_NOT_TRAINING)
-    blob = json.dumps([settings, spec.model_dump(mode="json"), epochs, batch_size],
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return sha256_json([settings, spec.model_dump(mode="json"), epochs, batch_size])
 
 
 def _prepare_work_dir(work: Path, digest: str, resume: bool) -> int | None:

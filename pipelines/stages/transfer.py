@@ -7,8 +7,9 @@ the train features, evaluates on the test features and writes under ``transfer.o
   which scores raw images (``PipelineModel.load(path).transform(images)``). It is exactly what
   ``Pipeline([featurizer, lr]).fit(train)`` returns; building it from the fitted classifier
   lets every image be featurized once (and lets the features be cached).
-* ``metrics.json``: accuracy, weighted F1, per-class precision/recall, the confusion matrix,
-  which weights were used, model, input size, subset sizes, dropped images and timings.
+* ``metrics.json``: top-1 accuracy (``top1``), weighted F1, per-class precision/recall, the
+  confusion matrix, which weights were used, model, input size, subset sizes, dropped images and
+  timings.
 * ``confusion_matrix.png``.
 * ``features/<key>/{train,test}``: the feature cache (``feature_cache: true``), reused while the
   model, weights, size, resize method, input path and subsets are unchanged, so the classifier
@@ -21,11 +22,11 @@ model or the job fails and the previous model stays in place.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -35,10 +36,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from pipelines.config import Config, TransferConfig
+from pipelines.io.digest import sha256_json
+from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
 from pipelines.ml.applications import MODELS, resolve_size
 from pipelines.ml.featurizer import DeepImageFeaturizer, describe_weights
-from pipelines.stages.ingest import read_images
+from pipelines.stages.evaluation import classification_metrics, confusion_matrix_png
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,31 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
-    """Fit and evaluate the transfer-learning pipeline; returns the metrics summary."""
+    """Fit and evaluate the transfer-learning pipeline; returns the metrics summary.
+
+    Spark sends the featurizer ``transfer.arrow_max_records`` rows per Arrow batch while this
+    stage runs; the session's own setting is restored afterwards for the stages that follow.
+    """
+    arrow_batch = str(config.transfer.arrow_max_records)
+    with _session_conf(spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch):
+        return _run_transfer(spark, config)
+
+
+@contextmanager
+def _session_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    """Set a session conf for the duration of the block, then restore (or unset) it."""
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        if previous is None:
+            spark.conf.unset(key)
+        else:
+            spark.conf.set(key, previous)
+
+
+def _run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
     cfg = config.transfer
     started = time.perf_counter()
     storage = Storage(spark)
@@ -59,7 +86,6 @@ def run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
     logger.info("transfer: %s at %dx%d, weights: %s", cfg.model_name, size, size, weights_used)
     if cfg.weights == "none":
         logger.warning(RANDOM_WEIGHTS_NOTE)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.arrow_max_records))
 
     images = read_images(spark, cfg.input)
     train = subset(images, cfg.train_split, cfg.train_size, cfg.seed)
@@ -133,20 +159,21 @@ def run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
                        "iterations": lr_model.summary.totalIterations},
         "reload_check": reload,
         "model_path": model_path,
-        "metrics_path": f"{output}/metrics.json",
-        "confusion_matrix_path": f"{output}/confusion_matrix.png",
+        "artifacts": {"metrics": f"{output}/metrics.json",
+                      "confusion_matrix": f"{output}/confusion_matrix.png"},
         "timings_s": {"featurize": round(featurize_s, 2), "fit": round(fit_s, 2),
                       "evaluate": round(evaluate_s, 2), "save_and_reload_check": round(save_s, 2),
                       "total": round(time.perf_counter() - started, 2)},
     }
     title = (f"{cfg.model_name} {size}x{size} + LogisticRegression, weights: {cfg.weights}"
              f"{' (random init, not transfer learning)' if cfg.weights == 'none' else ''}\n"
-             f"accuracy {scores['accuracy']:.4f} on {counts['test']} test images")
-    storage.write_bytes(summary["confusion_matrix_path"], confusion_png(matrix, names, title))
-    storage.write_text(summary["metrics_path"], json.dumps(summary, indent=2) + "\n")
+             f"top-1 {scores['top1']:.4f} on {counts['test']} test images")
+    storage.write_bytes(summary["artifacts"]["confusion_matrix"],
+                        confusion_matrix_png(matrix, names, title))
+    storage.write_text(summary["artifacts"]["metrics"], json.dumps(summary, indent=2) + "\n")
     logger.info(
-        "transfer: accuracy %.4f, weighted F1 %.4f on %d test images (weights: %s)",
-        scores["accuracy"], scores["weighted_f1"], counts["test"], weights_used,
+        "transfer: top-1 %.4f, weighted F1 %.4f on %d test images (weights: %s)",
+        scores["top1"], scores["weighted_f1"], counts["test"], weights_used,
     )
     return summary
 
@@ -197,7 +224,7 @@ def cache_key(cfg: TransferConfig, size: int) -> str:
         "train": [cfg.train_split, cfg.train_size], "test": [cfg.test_split, cfg.test_size],
         "seed": cfg.seed,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return sha256_json(parts, 16)
 
 
 def class_names(cfg: TransferConfig, n_classes: int) -> list[str]:
@@ -207,30 +234,6 @@ def class_names(cfg: TransferConfig, n_classes: int) -> list[str]:
             f"class_names must name all {n_classes} labels. Received: {len(names)} names"
         )
     return names[:n_classes] if names else [str(i) for i in range(n_classes)]
-
-
-def classification_metrics(matrix: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """Accuracy, weighted F1 (as Spark's ``weightedFMeasure``) and per-class precision/recall
-    from a confusion matrix (rows: true label, columns: prediction)."""
-    total = int(matrix.sum())
-    tp = np.diag(matrix).astype(float)
-    support = matrix.sum(axis=1).astype(float)
-    predicted = matrix.sum(axis=0).astype(float)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {
-        "accuracy": float(tp.sum() / total) if total else 0.0,
-        "weighted_f1": float((f1 * support).sum() / total) if total else 0.0,
-        "per_class": [
-            {"label": i, "name": names[i], "precision": round(float(precision[i]), 6),
-             "recall": round(float(recall[i]), 6), "f1": round(float(f1[i]), 6),
-             "support": int(support[i])}
-            for i in range(len(names))
-        ],
-        "confusion_matrix": matrix.tolist(),
-    }
 
 
 def reload_check(path: str, test: DataFrame, scored: DataFrame, rows: int) -> dict[str, Any]:
@@ -258,32 +261,3 @@ def reload_check(path: str, test: DataFrame, scored: DataFrame, rows: int) -> di
         raise RuntimeError(f"reloaded PipelineModel disagrees with the fitted one: {check}")
     logger.info("reload check passed: %s", check)
     return check
-
-
-def confusion_png(matrix: np.ndarray, names: list[str], title: str) -> bytes:
-    """The confusion matrix as a PNG: colour by row-normalised rate, counts printed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(names)
-    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 1.0 + 0.6 * n), dpi=100)
-    try:
-        ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
-        ax.set_xticks(range(n), names, rotation=45 if n > 10 else 0)
-        ax.set_yticks(range(n), names)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true label")
-        ax.set_title(title, fontsize=9)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)

@@ -17,8 +17,8 @@ from pyspark.sql import functions as F
 from pipelines.config import Config, VisualizeConfig
 from pipelines.imaging.contact_sheet import render_sheet
 from pipelines.imaging.image_struct import struct_to_array, to_rgb
+from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
-from pipelines.stages.ingest import read_images
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def run_visualize(spark: SparkSession, config: Config) -> dict[str, Any]:
         storage.write_bytes(path, render_class_sheet(rows, cfg))
         sheets["per_class"] = path
     logger.info("visualize wrote %d sheets to %s", len(sheets), cfg.output)
-    return {"input": cfg.input, "output": cfg.output, "sheets": sheets}
+    return {"input": cfg.input, "output": cfg.output, "sheets": sheets,
+            "artifacts": {"contact_sheets": list(sheets.values())}}
 
 
 def _seeded_order(seed: int):
