@@ -31,7 +31,7 @@ from pipelines.imaging.augment_ops import SEED_OPERATIONS, Operation
 from pipelines.imaging.resize import RESIZE_METHODS
 from pipelines.io.digest import sha256_json
 from pipelines.ml.applications import MODELS
-from pipelines.ml.architectures import ArchitectureSpec, builtin_names
+from pipelines.ml.architectures import ArchitectureSpec, resolve_architecture
 
 
 class ConfigError(ValueError):
@@ -290,12 +290,7 @@ class CnnConfig(Section):
 
     @model_validator(mode="after")
     def _known_architecture(self) -> CnnConfig:
-        known = sorted({*builtin_names(), *self.architectures})
-        if self.architecture not in known:
-            raise ValueError(
-                f"unknown architecture; expected one of {known}. "
-                f"Received: architecture={self.architecture!r}"
-            )
+        resolve_architecture(self.architecture, self.architectures)  # raises naming the choices
         return self
 
 

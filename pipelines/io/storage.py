@@ -114,6 +114,18 @@ class Storage:
             fs.delete(tmp, False)
             raise OSError(f"could not move {tmp} to {path}")
 
+    def refuse_existing(self, path: str, section: str) -> None:
+        """Raise when ``path`` exists: the ``mode: error`` of a stage that must not replace it.
+
+        Raises:
+            FileExistsError: names the setting and the path.
+        """
+        if self.exists(path):
+            raise FileExistsError(
+                f"{section}.output already exists and {section}.mode is 'error'. "
+                f"Received: {section}.output={path!r}"
+            )
+
     def write_text(self, path: str, text: str) -> None:
         self.write_bytes(path, text.encode("utf-8"))
 

@@ -30,16 +30,12 @@ from pipelines.stages.mnist import (
 logger = logging.getLogger(__name__)
 
 
-
 def run_ingest(spark: SparkSession, config: Config) -> dict[str, Any]:
     """The ingest job: build the image DataFrame from the configured source and write it."""
     cfg = config.ingest
     storage = Storage(spark)
-    if cfg.mode == "error" and storage.exists(cfg.output):
-        raise FileExistsError(
-            f"ingest.output already exists and ingest.mode is 'error'. Received: "
-            f"ingest.output={cfg.output!r}"
-        )
+    if cfg.mode == "error":
+        storage.refuse_existing(cfg.output, "ingest")
     started = time.perf_counter()
     if cfg.source == "mnist":
         files = fetch_mnist(config.mnist)

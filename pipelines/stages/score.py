@@ -30,11 +30,8 @@ def run_score(spark: SparkSession, config: Config) -> dict[str, Any]:
     """Score the configured images and write predictions (and metrics when labels exist)."""
     cfg = config.score
     storage = Storage(spark)
-    if cfg.mode == "error" and storage.exists(cfg.output):
-        raise FileExistsError(
-            f"score.output already exists and score.mode is 'error'. "
-            f"Received: score.output={cfg.output!r}"
-        )
+    if cfg.mode == "error":
+        storage.refuse_existing(cfg.output, "score")
     started = time.perf_counter()
     images, column = load_inputs(spark, cfg)
     scorer = KerasImageClassifier(
