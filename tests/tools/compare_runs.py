@@ -20,10 +20,14 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 
-def _rows(path: Path, columns: list[str]) -> list[tuple]:
+def _rows(path: Path, columns: list[str], root: Path) -> list[tuple]:
+    """Rows in id order; an image's ``origin`` is made relative to the run's output root."""
     table = ds.dataset(str(path), format="parquet", partitioning="hive").to_table()
     table = table.sort_by("id")
     data = [table.column(c).to_pylist() for c in columns]
+    if "image" in columns:
+        for image in data[columns.index("image")]:
+            image["origin"] = image["origin"].replace(f"file:{root}/", "<root>/")
     return list(zip(*data, strict=True))
 
 
@@ -52,7 +56,7 @@ def main(argv: list[str]) -> int:
         print(f"{'same' if same else 'DIFFERENT'}: {name}: {shown}")
 
     cols = ["id", "split", "label", "image"]
-    left, right = _rows(a / "images", cols), _rows(b / "images", cols)
+    left, right = _rows(a / "images", cols, a), _rows(b / "images", cols, b)
     check("ingest rows (id, split, label, image struct incl. pixels)", left, right,
           f"{len(left)} vs {len(right)} rows")
     left, right = _files(a / "png", ".png"), _files(b / "png", ".png")
@@ -60,9 +64,9 @@ def main(argv: list[str]) -> int:
     left, right = _files(a / "augmented" / "png", ".png"), _files(b / "augmented" / "png", ".png")
     check("augment PNG files (path and bytes)", left, right, f"{len(left)} vs {len(right)} files")
     cols = ["id", "split", "label", "image", "source_id", "sample", "operations"]
-    left = _rows(a / "augmented" / "parquet", cols)
-    right = _rows(b / "augmented" / "parquet", cols)
-    check("augment Parquet rows (pixels and provenance)", left, right,
+    left = _rows(a / "augmented" / "parquet", cols, a)
+    right = _rows(b / "augmented" / "parquet", cols, b)
+    check("augment Parquet rows (pixels and provenance; origin relative to the output root)", left, right,
           f"{len(left)} vs {len(right)} rows")
     for name, path, keys in [
         ("CNN test top-1", "cnn/metrics.json", ("test", "top1")),
