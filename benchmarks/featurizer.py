@@ -19,7 +19,7 @@ fixed per-query costs (job scheduling, ~0.1-0.3 s) do not dominate: 1024 at 75x7
 Spark workers and TensorFlow threads: ``--partitions`` tasks run at once, each in its own Python
 worker holding its own model; ``--threads`` caps TensorFlow's intra-op threads per worker
 (0 = TensorFlow's default, all cores). On 2 cores, 2 partitions x 1 thread avoids the
-oversubscription of 2 workers x 2 threads each; see docs/transfer.md for measured figures.
+oversubscription of 2 workers x 2 threads each; see docs/benchmarks.md for measured figures.
 """
 
 from __future__ import annotations

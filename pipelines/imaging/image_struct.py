@@ -158,9 +158,10 @@ _PLAIN_PNG_CHANNELS = {0: 1, 2: 3, 6: 4}
 
 
 def _decode_plain_png(data: bytes) -> np.ndarray | None:
-    """8-bit grey, RGB or RGBA PNG -> array (H, W[, C]) through libpng (``imagecodecs``), ~4x
-    faster than Pillow for small images; None for anything else (Pillow decodes, converts and
-    reports it: palettes, 16-bit, grey+alpha, transparency chunks, corrupt data)."""
+    """8-bit grey, RGB or RGBA PNG -> array (H, W[, C]) through libpng (``imagecodecs``), faster
+    than Pillow for small images (less per-call overhead); None for anything else (Pillow
+    decodes, converts and reports it: palettes, 16-bit, grey+alpha, transparency chunks, corrupt
+    data)."""
     if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR" or data[24] != 8:
         return None
     channels = _PLAIN_PNG_CHANNELS.get(data[25])
@@ -180,8 +181,8 @@ def _decode_plain_png(data: bytes) -> np.ndarray | None:
 def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     """``uint8`` array (H, W[, C]) in RGB(A) order -> PNG bytes (lossless; gray stays 1 channel).
 
-    Encoded by libpng through ``imagecodecs``: ~3x faster than Pillow's ``save`` for small
-    images (Pillow's per-call overhead is larger than the encoding of a 28x28 image).
+    Encoded by libpng through ``imagecodecs``: faster than Pillow's ``save`` for small images,
+    whose per-call overhead is larger than the encoding of a 28x28 image.
     """
     import imagecodecs
 
