@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -160,6 +161,34 @@ def test_registry_rows_are_well_formed():
         assert entry_name(spec).startswith("pipelines.") and ":run_" in entry_name(spec)
         assert set(spec.upstream) <= set(names[:index]), spec.name
         assert all("." in key for key in (*spec.inputs, *spec.outputs)), spec.name
+
+
+def _doc_stage_rows(text: str) -> list[tuple]:
+    """The rows of the stage table in docs/pipeline.md, each cell as a tuple of its code spans."""
+    section = text.split("## The stage table", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| `")]
+    return [
+        tuple(tuple(re.findall(r"`([^`]+)`", cell)) for cell in line.strip("|").split(" | "))
+        for line in lines
+    ]
+
+
+def test_docs_stage_table_is_the_runners_table():
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    expected = [
+        ((spec.name,), (entry_name(spec),), spec.sections, spec.upstream, spec.inputs,
+         spec.outputs)
+        for spec in STAGES
+    ]
+    assert _doc_stage_rows(text) == expected
+    order = " -> ".join(spec.name for spec in STAGES)
+    assert f"\n    {order}\n" in text, f"docs/pipeline.md should show the run order: {order}"
+
+
+def test_doc_stage_rows_parse_code_spans_per_cell():
+    rows = _doc_stage_rows("## The stage table\n\n| a | b |\n| --- | --- |\n"
+                           "| `x` | `m:f` | `s`, `t` | - |\n\n## Next\n| `not` | `this` |\n")
+    assert rows == [(("x",), ("m:f",), ("s", "t"), ())]
 
 
 def test_unreadable_input_fails_the_stage_with_a_clear_cause(spark, tmp_path, tiny_mnist_dir):
