@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/augment.py
 	$(PY) benchmarks/featurizer.py
 	$(PY) benchmarks/cnn.py --images out/images
+	$(PY) benchmarks/cnn_architectures.py --images out/images --architectures seed,default --rows 3072 --rounds 3
 
 # For clusters: the wheel, and a packed virtualenv holding it and every dependency, for
 # spark-submit --archives dist/env.tar.gz#environment (see docs/cluster.md).
