@@ -58,16 +58,9 @@ def test_binary_column_decodes_png_and_flags_null_and_garbage():
     np.testing.assert_array_equal(batch[0, :, :, 0], luma.astype(np.uint8))
 
 
-def test_image_predict_udf_rejects_bad_arguments_and_reuses_a_cached_udf():
+def test_image_predict_udf_rejects_bad_arguments():
     outputs = StructType([StructField("values", ArrayType(FloatType()))])
     with pytest.raises(ValueError, match="Received: 'cubic'"):
         image_predict_udf(lambda: None, "struct", (8, 8, 3), "cubic", outputs, 4)
     with pytest.raises(ValueError, match="Received: 'array'"):
         image_predict_udf(lambda: None, "array", (8, 8, 3), "nearest", outputs, 4)
-    first = image_predict_udf(lambda: None, "binary", (8, 8, 3), "nearest", outputs, 4,
-                              cache_key=("test", 1))
-    again = image_predict_udf(lambda: None, "binary", (8, 8, 3), "nearest", outputs, 4,
-                              cache_key=("test", 1))
-    other = image_predict_udf(lambda: None, "struct", (8, 8, 3), "nearest", outputs, 4,
-                              cache_key=("test", 1))
-    assert first is again and other is not first

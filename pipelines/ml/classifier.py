@@ -42,6 +42,7 @@ from pipelines.ml.inference import (
     image_predict_udf,
     input_kind,
 )
+from pipelines.ml.model_cache import get_or_build, model_key
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +127,7 @@ class KerasImageClassifier(Transformer, HasInputCol, HasProbabilityCol, HasPredi
             )
         kind = input_kind(dataset.schema[column].dataType, column)
         spark = dataset.sparkSession
-        local, file_name = stage_model(spark, path)
-        height, width, channels, classes = model_signature(local, path)
+        file_name, (height, width, channels, classes) = prepared_model(spark, path)
         logger.info("scoring %r with %s (input %sx%sx%s, %s outputs, batch %s)",
                     column, path, height, width, channels, classes, batch_size)
 
@@ -160,9 +160,13 @@ def _predict_udf(file_name: str, kind: InputKind, shape: tuple[int, int, int], s
     """
 
     def make_predict_fn():
-        import keras  # on the worker; once per Python worker (predict_batch_udf caches it)
+        def load():
+            import keras  # on the worker, once per model (see pipelines.ml.model_cache)
 
-        model = keras.saving.load_model(SparkFiles.get(file_name), safe_mode=True, compile=False)
+            return keras.saving.load_model(SparkFiles.get(file_name), safe_mode=True,
+                                           compile=False)
+
+        model = get_or_build(model_key("file", digest=file_name), load)
 
         def predict(images: np.ndarray) -> dict[str, np.ndarray]:
             batch = np.multiply(images, np.float32(scale), dtype=np.float32)
@@ -171,9 +175,41 @@ def _predict_udf(file_name: str, kind: InputKind, shape: tuple[int, int, int], s
 
         return predict
 
-    return image_predict_udf(make_predict_fn, kind, shape, method, OUTPUTS, batch_size,
-                             cache_key=("keras_scorer", file_name, shape, scale, batch_size,
-                                        method))
+    return image_predict_udf(make_predict_fn, kind, shape, method, OUTPUTS, batch_size)
+
+
+#: (modelPath, its size and modification time) -> (shipped file name, model signature).
+_PREPARED: dict[tuple, tuple[str, tuple[int, int, int, int]]] = {}
+
+
+def prepared_model(spark: SparkSession, path: str) -> tuple[str, tuple[int, int, int, int]]:
+    """:func:`stage_model` and :func:`model_signature` of ``path``, done once per file version.
+
+    A later ``transform`` of the same unchanged file (same size and modification time) reads,
+    hashes and loads nothing on the driver.
+    """
+    stamp = _file_stamp(spark, path)
+    key = (spark.sparkContext.applicationId, path, stamp)
+    if stamp is None or key not in _PREPARED:
+        local, file_name = stage_model(spark, path)
+        _PREPARED[key] = file_name, model_signature(local, path)
+    return _PREPARED[key]
+
+
+def _file_stamp(spark: SparkSession, path: str) -> tuple[int, int] | None:
+    """(size, modification time) of the model file; None when it cannot be read."""
+    if not path:
+        return None
+    if "://" not in path or path.startswith("file:"):
+        local = Path(path.removeprefix("file://").removeprefix("file:"))
+        if not local.is_file():
+            return None
+        stat = local.stat()
+        return stat.st_size, stat.st_mtime_ns
+    from pipelines.io.storage import Storage
+
+    info = Storage(spark).stat(path)
+    return None if info is None else (int(info["bytes"]), int(info["mtime"]))
 
 
 def stage_model(spark: SparkSession, path: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ the encoded bytes) and, per batch of ``batchSize``, decodes them to RGB at the m
 (gray is replicated to 3 channels, BGR structs are reordered), applies the model's own
 ``preprocess_input`` and runs the model. The model is built and its weights loaded once per Python
 worker (TensorFlow is imported there only) and stays loaded for later ``transform`` calls of a
-stage with the same Params.
+stage with the same model, whatever other Params changed (:mod:`pipelines.ml.model_cache`).
 
 Invalid images (null, undecodable, unsupported mode) are rejected with an error naming the column
 (``handleInvalid="error"``, the default) or dropped like the image source's ``dropInvalid``
@@ -54,6 +54,7 @@ from pipelines.ml.inference import (
     image_predict_udf,
     input_kind,
 )
+from pipelines.ml.model_cache import get_or_build, model_key
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +263,15 @@ def local_path(source: str, shipped: bool) -> str:
     return SparkFiles.get(source)
 
 
+def application_key(run: ModelRun, include_top: bool) -> tuple:
+    """What defines the network of ``run`` (see :mod:`pipelines.ml.model_cache`): not the batch
+    size, threads, resize method or invalid-row handling, which change no weight."""
+    return model_key(
+        "application", name=run.model_name, size=run.size, weights=run.weights,
+        weights_file=_file_stamp(run), include_top=include_top,
+    )
+
+
 def make_predict_fn(
     run: ModelRun, include_top: bool, top_k: int = 0
 ) -> Callable[[], BatchPredict]:
@@ -269,17 +279,21 @@ def make_predict_fn(
 
     The predict function takes uint8 RGB batches and returns ``{"values": model output}``
     (features or class probabilities), or with ``include_top`` and ``top_k > 0`` the top-K class
-    ``{"indices": ..., "probabilities": ...}`` per image.
+    ``{"indices": ..., "probabilities": ...}`` per image. The model comes from the worker's
+    cache (:func:`~pipelines.ml.model_cache.get_or_build`), keyed by :func:`application_key`.
     """
+    key = application_key(run, include_top)
 
     def make() -> BatchPredict:
         from pipelines.ml.models import build_application, limit_threads, preprocess_fn
 
-        limit_threads(run.threads)
-        weights = local_path(run.weights, run.weights_shipped)
-        model = build_application(run.model_name, run.size, weights, include_top)
+        def build():
+            limit_threads(run.threads)
+            weights = local_path(run.weights, run.weights_shipped)
+            return build_application(run.model_name, run.size, weights, include_top)
+
+        model = get_or_build(key, build)
         preprocess = preprocess_fn(run.model_name)
-        logger.info("built %s (%dx%d) in this worker", run.model_name, run.size, run.size)
 
         def predict(images: np.ndarray) -> dict[str, np.ndarray]:
             out = np.asarray(model.predict_on_batch(preprocess(images)), dtype=np.float32)
@@ -319,7 +333,6 @@ def predict_images(
     predict = image_predict_udf(
         make_predict_fn(run, include_top, top_k), kind, (run.size, run.size, 3), run.method,
         TOP_K if top_k else VALUES, run.batch_size,
-        cache_key=(run, include_top, top_k, _file_stamp(run)),
     )
     df = dataset.withColumn(tmp_col, predict(*image_inputs(input_col, kind)))
     invalid = F.col(tmp_col)[VALID] == 0

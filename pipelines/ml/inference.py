@@ -21,7 +21,7 @@ null or reject such rows the way Spark's ``dropInvalid`` does.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -47,8 +47,6 @@ InputKind = Literal["struct", "binary"]
 STRUCT_FIELDS = tuple(IMAGE_STRUCT.fieldNames())
 #: Field of every :func:`image_predict_udf` result: 1 for a valid image, 0 for null/undecodable.
 VALID = "valid"
-#: UDFs already built, by the caller's key (see :func:`image_predict_udf`).
-_UDFS: dict[Hashable, Callable[..., Column]] = {}
 
 #: The model side of :func:`image_predict_udf`: uint8 (N, H, W, C) RGB -> output name -> array.
 BatchPredict = Callable[[np.ndarray], Mapping[str, np.ndarray]]
@@ -115,28 +113,25 @@ def decode_inputs(
 
 def image_predict_udf(
     make_predict: Callable[[], BatchPredict], kind: InputKind, shape: tuple[int, int, int],
-    method: str, outputs: StructType, batch_size: int, cache_key: Hashable | None = None,
+    method: str, outputs: StructType, batch_size: int,
 ) -> Callable[..., Column]:
     """A ``predict_batch_udf`` from raw image inputs to ``outputs`` plus an int ``valid`` field.
 
-    Call the result on :func:`image_inputs`. ``make_predict`` runs once per Python worker (it
-    loads the model; capture plain values only) and returns a function from a uint8 RGB batch
-    (N, H, W, C) to a dict with one array per field of ``outputs``. Invalid rows are not
+    Call the result on :func:`image_inputs`. ``make_predict`` runs once per Python worker and
+    UDF (capture plain values only) and returns a function from a uint8 RGB batch (N, H, W, C) to
+    a dict with one array per field of ``outputs``; it gets its model from
+    :func:`pipelines.ml.model_cache.get_or_build`, so a new UDF for the same model (another
+    ``batchSize``, say) finds the model already built in the worker. Invalid rows are not
     predicted: they get ``valid = 0`` and zeros. The UDF is non-deterministic so that Spark never
     copies it into a filter on its result (which would run the model twice).
 
     Args:
         shape: the model's (height, width, channels), channels 1 or 3.
-        cache_key: plain values identifying the model and every argument; the same key returns
-            the same UDF, so Python workers keep the model loaded from one ``transform`` to the
-            next (``predict_batch_udf`` caches models by UDF).
     """
     if method not in RESIZE_METHODS:
         raise ValueError(f"resize method must be one of {RESIZE_METHODS}. Received: {method!r}")
     if kind not in ("struct", "binary"):
         raise ValueError(f"kind must be 'struct' or 'binary'. Received: {kind!r}")
-    if cache_key is not None and (kind, cache_key) in _UDFS:
-        return _UDFS[(kind, cache_key)]
     height, width, channels = shape
     names = outputs.fieldNames()
 
@@ -174,7 +169,4 @@ def image_predict_udf(
 
     return_type = StructType([*outputs.fields, StructField(VALID, IntegerType())])
     udf = predict_batch_udf(make, return_type=return_type, batch_size=batch_size)
-    udf = udf.asNondeterministic()
-    if cache_key is not None:
-        _UDFS[(kind, cache_key)] = udf
-    return udf
+    return udf.asNondeterministic()
