@@ -179,14 +179,16 @@ def test_pipeline_with_logistic_regression_predicts_the_same_after_reload(
         ({"modelName": "InceptionV3", "inputSize": 64}, "Received: inputSize=64"),
         ({"batchSize": 0}, "Received: batchSize=0"),
         ({"threads": -1}, "Received: threads=-1"),
-        ({"scaleHint": "cubic"}, "Received: 'cubic'"),
-        ({"handleInvalid": "keep"}, "Received: 'keep'"),
+        ({"scaleHint": "cubic"}, "Received: scaleHint='cubic'"),
+        ({"handleInvalid": "drop"}, "Received: handleInvalid='drop'"),
+        ({"pooling": "sum"}, "Received: pooling='sum'"),
+        ({"outputCol": "label"}, "already exists.*Received: outputCol='label'"),
         ({"weights": "/no/such/file.weights.h5"},
          "weights file for MobileNetV2 not found .* Received: weights='/no/such/file"),
         ({"inputCol": "picture"}, "Received: inputCol='picture'"),
     ],
 )
-def test_featurizer_rejects_bad_params_before_running(spark, digits_df, params, match):
+def test_featurizer_rejects_bad_params_on_the_driver(spark, digits_df, params, match):
     df, _ = digits_df
     base = {"modelName": "MobileNetV2", "inputSize": SIZE, "weights": "none"}
     with pytest.raises(ValueError, match=match):
@@ -227,6 +229,17 @@ def test_invalid_images_are_dropped_with_skip(spark, broken_df):
     assert all(len(r.features) == 1280 for r in rows)
 
 
+def test_invalid_images_get_null_features_with_keep(spark, broken_df):
+    featurizer = DeepImageFeaturizer(
+        inputCol="png", modelName="MobileNetV2", inputSize=SIZE, weights="none",
+        handleInvalid="keep",
+    )
+    rows = featurizer.transform(broken_df).orderBy("id").collect()
+    assert [r.id for r in rows] == [0, 1, 2, 3]
+    assert [r.features is None for r in rows] == [False, True, True, False]
+    assert len(rows[3].features) == 1280
+
+
 def test_invalid_images_fail_clearly_with_error(spark, broken_df):
     featurizer = DeepImageFeaturizer(inputCol="png", modelName="MobileNetV2", inputSize=SIZE,
                                      weights="none")
@@ -241,27 +254,31 @@ def class_index(tmp_path_factory):
     return str(path)
 
 
-def test_predictor_returns_top_k_decoded_classes_or_probabilities(
+def test_predictor_returns_probabilities_by_default_or_sparkdl_decoded_classes(
     spark, tmp_path, digits_df, class_index
 ):
     df, _ = digits_df
     common = dict(modelName="MobileNetV2", inputSize=SIZE, weights="none", inputCol="image")
-    top = DeepImagePredictor(outputCol="top", topK=3, classIndexPath=class_index, **common)
-    full = DeepImagePredictor(outputCol="probs", decodePredictions=False, **common)
-    no_index = DeepImagePredictor(outputCol="idx", topK=1,
-                                  classIndexPath=str(tmp_path / "missing.json"), **common)
-    rows = no_index.transform(full.transform(top.transform(df))).orderBy("id").collect()
+    full = DeepImagePredictor(outputCol="probs", **common)  # sparkdl: decodePredictions=False
+    top = DeepImagePredictor(outputCol="top", decodePredictions=True, topK=3,
+                             classIndexPath=class_index, **common)
+    rows = top.transform(full.transform(df)).orderBy("id").collect()
     assert len(rows) == 6
+    decoded = top.transform(df).schema["top"].dataType.elementType
+    assert decoded.fieldNames() == ["class", "description", "probability"]
     for row in rows:
         probs = row.probs.toArray()
         assert probs.shape == (1000,) and abs(probs.sum() - 1) < 1e-3
         assert len(row.top) == 3
-        assert all(0 <= t.classIndex < 1000 for t in row.top)
-        assert [t.label for t in row.top] == [f"class_{t.classIndex}" for t in row.top]
-        assert [t.probability for t in row.top] == sorted(
-            (t.probability for t in row.top), reverse=True
-        )
-        assert row.idx[0].label == str(row.idx[0].classIndex)  # no class index: labels are indices
+        best = np.argsort(-probs, kind="stable")[:3]
+        assert [t["class"] for t in row.top] == [f"n{i:08d}" for i in best]
+        assert [t.description for t in row.top] == [f"class_{i}" for i in best]
+        np.testing.assert_allclose([t.probability for t in row.top], probs[best], rtol=1e-6)
+
+    missing = DeepImagePredictor(decodePredictions=True, classIndexPath=str(tmp_path / "no.json"),
+                                 **common)
+    with pytest.raises(ValueError, match="imagenet_class_index.json.*Received: classIndexPath="):
+        missing.transform(df)
 
 
 def test_predictor_rejects_non_native_size_with_imagenet_weights(spark, digits_df):
@@ -269,8 +286,7 @@ def test_predictor_rejects_non_native_size_with_imagenet_weights(spark, digits_d
     with pytest.raises(ValueError, match="native input size 224. Received: inputSize=32"):
         DeepImagePredictor(modelName="MobileNetV2", inputSize=SIZE).transform(df)
     with pytest.raises(ValueError, match="Received: topK=0"):
-        DeepImagePredictor(modelName="MobileNetV2", inputSize=SIZE, weights="none",
-                           topK=0).transform(df)
+        DeepImagePredictor(modelName="MobileNetV2", inputSize=SIZE, weights="none", topK=0)
 
 
 def test_registered_sql_udf_runs_a_saved_keras_model(spark, tmp_path, digits_df):
@@ -304,5 +320,5 @@ def test_register_keras_image_udf_rejects_a_missing_model_file(spark, tmp_path):
     missing = "model file for SQL function 'nope' not found on the driver. Received: model="
     with pytest.raises(ValueError, match=missing):
         register_keras_image_udf(spark, "nope", str(tmp_path / "missing.keras"))
-    with pytest.raises(ValueError, match="Received: 'huge'"):
+    with pytest.raises(ValueError, match="Received: scale_hint='huge'"):
         register_keras_image_udf(spark, "nope", "MobileNetV2", scale_hint="huge")

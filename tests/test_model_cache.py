@@ -86,7 +86,7 @@ def test_classifier_reads_the_model_file_once_and_builds_it_once(
     staged = []
     real_stage = classifier_module.stage_model
     monkeypatch.setattr(classifier_module, "stage_model",
-                        lambda spark, p: staged.append(p) or real_stage(spark, p))
+                        lambda spark, p, *args: staged.append(p) or real_stage(spark, p, *args))
     scorer = KerasImageClassifier(modelPath=str(path), batchSize=4)
     with build_log(spark, tmp_path / "builds.jsonl") as builds:
         scorer.transform(images).collect()

@@ -36,6 +36,13 @@ IMAGE_STRUCT = StructType(
 #: OpenCV type codes Spark uses for 8-bit images, by channel count.
 OCV_MODE_BY_CHANNELS = {1: 0, 3: 16, 4: 24}  # CV_8UC1, CV_8UC3, CV_8UC4
 CHANNELS_BY_OCV_MODE = {mode: channels for channels, mode in OCV_MODE_BY_CHANNELS.items()}
+#: OpenCV type codes of float32 images (sparkdl's model outputs), by channel count.
+OCV_FLOAT_MODE_BY_CHANNELS = {1: 5, 3: 21, 4: 29}  # CV_32FC1, CV_32FC3, CV_32FC4
+#: Every supported mode -> (channels, numpy dtype), as sparkdl's ``imageIO`` had them.
+OCV_TYPES: dict[int, tuple[int, np.dtype]] = {
+    **{mode: (c, np.dtype(np.uint8)) for c, mode in OCV_MODE_BY_CHANNELS.items()},
+    **{mode: (c, np.dtype(np.float32)) for c, mode in OCV_FLOAT_MODE_BY_CHANNELS.items()},
+}
 
 
 def is_image_struct(data_type: Any) -> bool:
@@ -47,12 +54,13 @@ def is_image_struct(data_type: Any) -> bool:
 
 
 def struct_to_array(image: Mapping[str, Any] | Any) -> np.ndarray:
-    """Image struct (Row or dict) -> ``uint8`` array of shape (height, width, nChannels).
+    """Image struct (Row or dict) -> array of shape (height, width, nChannels).
 
-    The channel order is the stored one (BGR for colour images read by Spark).
+    ``uint8`` for 8-bit modes, ``float32`` for the ``CV_32FC*`` modes (as sparkdl's
+    ``imageStructToArray``). The channel order is the stored one (BGR for colour images).
 
     Raises:
-        ValueError: the mode is not 8-bit or the byte count does not match the dimensions.
+        ValueError: the mode is not supported or the byte count does not match the dimensions.
     """
     get = image.__getitem__
     data = get("data")
@@ -61,27 +69,29 @@ def struct_to_array(image: Mapping[str, Any] | Any) -> np.ndarray:
         channels, mode = int(get("nChannels")), int(get("mode"))
     except (TypeError, ValueError):  # null fields (pandas turns them into NaN)
         raise ValueError(f"image struct has null fields (origin={get('origin')!r})") from None
-    if CHANNELS_BY_OCV_MODE.get(mode) != channels:
+    if OCV_TYPES.get(mode, (None,))[0] != channels:
         raise ValueError(
-            "only 8-bit images with 1, 3 or 4 channels are supported. "
+            "only 8-bit or float32 images with 1, 3 or 4 channels are supported. "
             f"Received: mode={mode}, nChannels={channels} (origin={get('origin')!r})"
         )
-    expected = height * width * channels
+    dtype = OCV_TYPES[mode][1]
+    expected = height * width * channels * dtype.itemsize
     if data is None or len(data) != expected:
         size = None if data is None else len(data)
         raise ValueError(
-            f"image data has {size} bytes, expected height*width*nChannels={expected}. "
-            f"Received: height={height}, width={width}, nChannels={channels} "
+            f"image data has {size} bytes, expected height*width*nChannels*{dtype.itemsize}="
+            f"{expected}. Received: height={height}, width={width}, nChannels={channels} "
             f"(origin={get('origin')!r})"
         )
-    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    return np.frombuffer(data, dtype=dtype).reshape(height, width, channels)
 
 
 def array_to_struct(array: np.ndarray, origin: str = "") -> dict[str, Any]:
-    """``uint8`` array (H, W) or (H, W, C) in stored channel order -> image struct as a dict."""
+    """``uint8`` or ``float32`` array (H, W) or (H, W, C) in stored channel order -> image struct
+    as a dict (mode ``CV_8UC*`` or ``CV_32FC*``)."""
     array = np.asarray(array)
-    if array.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8. Received: dtype={array.dtype}")
+    if array.dtype not in (np.uint8, np.float32):
+        raise ValueError(f"image arrays must be uint8 or float32. Received: dtype={array.dtype}")
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3 or array.shape[2] not in OCV_MODE_BY_CHANNELS:
@@ -94,7 +104,8 @@ def array_to_struct(array: np.ndarray, origin: str = "") -> dict[str, Any]:
         "height": int(height),
         "width": int(width),
         "nChannels": int(channels),
-        "mode": OCV_MODE_BY_CHANNELS[channels],
+        "mode": (OCV_MODE_BY_CHANNELS if array.dtype == np.uint8
+                 else OCV_FLOAT_MODE_BY_CHANNELS)[channels],
         "data": np.ascontiguousarray(array).tobytes(),
     }
 

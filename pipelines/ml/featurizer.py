@@ -1,25 +1,29 @@
-"""``DeepImageFeaturizer``: images -> pooled features of a Keras application model.
+"""``DeepImageFeaturizer``: images -> features of a Keras application model.
 
 The successor of sparkdl's stage of the same name, on Spark 4 and Keras 3. An image column
 (Spark's image struct of any 8-bit mode, or encoded image bytes) becomes a ``VectorUDT`` column of
-the model's globally average-pooled last-block features (2048 values for InceptionV3), ready for
-``LogisticRegression`` or any other Spark ML estimator::
+the model's last-block features, ready for ``LogisticRegression`` or any Spark ML estimator::
 
     featurizer = DeepImageFeaturizer(inputCol="image", outputCol="features",
                                      modelName="InceptionV3", weights="imagenet")
     model = Pipeline(stages=[featurizer, LogisticRegression(labelCol="label")]).fit(train)
 
+``pooling`` chooses the features: ``avg`` (the default: 2048 globally average-pooled values for
+InceptionV3), ``max``, or ``none``, the last block flattened as sparkdl returned it
+(8 x 8 x 2048 = 131,072 values for InceptionV3 at 299 x 299).
+
 How it runs: one ``pyspark.ml.functions.predict_batch_udf`` (built by
 :func:`~pipelines.ml.inference.image_predict_udf`) gets the stored images (the struct's fields, or
 the encoded bytes) and, per batch of ``batchSize``, decodes them to RGB at the model's input size
 (gray is replicated to 3 channels, BGR structs are reordered), applies the model's own
-``preprocess_input`` and runs the model. The model is built and its weights loaded once per Python
-worker (TensorFlow is imported there only) and stays loaded for later ``transform`` calls of a
-stage with the same model, whatever other Params changed (:mod:`pipelines.ml.model_cache`).
+``preprocess_input`` and runs the model. The model is built once per Python worker (TensorFlow is
+imported there only) and kept in the worker's cache (:mod:`pipelines.ml.model_cache`) by what
+defines it, so later ``transform`` calls, with another ``batchSize`` or ``handleInvalid`` too,
+reuse it.
 
-Invalid images (null, undecodable, unsupported mode) are rejected with an error naming the column
-(``handleInvalid="error"``, the default) or dropped like the image source's ``dropInvalid``
-(``handleInvalid="skip"``; executors log each one).
+Invalid images (null, undecodable, unsupported mode) fail the query naming the column
+(``handleInvalid="error"``, the default), are dropped (``"skip"``; executors log each one) or
+kept with a null feature vector (``"keep"``).
 
 Spark's Arrow batches hold ``spark.sql.execution.arrow.maxRecordsPerBatch`` rows (10,000 by
 default) of *stored* images; decoded float tensors exist only ``batchSize`` at a time. For large
@@ -32,71 +36,73 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 from pyspark import keyword_only
 from pyspark.ml import Transformer
 from pyspark.ml.functions import array_to_vector
-from pyspark.ml.param import Param, Params, TypeConverters
-from pyspark.ml.param.shared import HasHandleInvalid, HasInputCol, HasOutputCol
+from pyspark.ml.param import Param, Params
 from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import ArrayType, FloatType, IntegerType, StructField, StructType
 
-from pipelines.imaging.resize import RESIZE_METHODS
 from pipelines.ml.applications import MODELS, get_spec, resolve_size
 from pipelines.ml.inference import (
-    VALID,
     BatchPredict,
+    apply_handle_invalid,
     image_inputs,
     image_predict_udf,
     input_kind,
 )
 from pipelines.ml.model_cache import get_or_build, model_key
+from pipelines.ml.params import (
+    POOLING,
+    HasBatchSize,
+    HasHandleInvalid,
+    HasInputCol,
+    HasOutputCol,
+    HasScaleHint,
+    HasThreads,
+    check_input_column,
+    check_output_columns,
+    int_at_least,
+    one_of,
+    to_model_name,
+    to_weights,
+)
 
 logger = logging.getLogger(__name__)
 
-HANDLE_INVALID = ("skip", "error")
 
-
-class DeepImageParams(HasInputCol, HasOutputCol, HasHandleInvalid):
+class DeepImageParams(HasInputCol, HasOutputCol, HasHandleInvalid, HasBatchSize, HasScaleHint,
+                      HasThreads):
     """Params shared by :class:`DeepImageFeaturizer` and ``DeepImagePredictor``."""
 
-    modelName = Param(
+    modelName: Param[str] = Param(
         Params._dummy(), "modelName", f"Keras application model, one of {sorted(MODELS)}",
-        typeConverter=TypeConverters.toString,
+        typeConverter=to_model_name,
     )
-    scaleHint = Param(
-        Params._dummy(), "scaleHint", f"resize method, one of {RESIZE_METHODS}",
-        typeConverter=TypeConverters.toString,
-    )
-    inputSize = Param(
+    inputSize: Param[int] = Param(
         Params._dummy(), "inputSize",
         "model input height = width in pixels; 0 = the model's native size (299 for InceptionV3)",
-        typeConverter=TypeConverters.toInt,
+        typeConverter=int_at_least("inputSize", 0),
     )
-    weights = Param(
+    weights: Param[str] = Param(
         Params._dummy(), "weights",
         "'imagenet' (Keras cache), 'none' (random init), or a weights file path or URL",
-        typeConverter=TypeConverters.toString,
+        typeConverter=to_weights,
     )
-    batchSize = Param(
-        Params._dummy(), "batchSize", "images per model call (> 0)",
-        typeConverter=TypeConverters.toInt,
-    )
-    threads = Param(
-        Params._dummy(), "threads",
-        "TensorFlow intra-op threads per Python worker; 0 = TensorFlow's default (all cores)",
-        typeConverter=TypeConverters.toInt,
-    )
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._setDefault(inputCol="image", modelName="InceptionV3", inputSize=0,
+                         weights="imagenet")
 
     def getModelName(self) -> str:
         return self.getOrDefault(self.modelName)
-
-    def getScaleHint(self) -> str:
-        return self.getOrDefault(self.scaleHint)
 
     def getInputSize(self) -> int:
         return self.getOrDefault(self.inputSize)
@@ -104,23 +110,8 @@ class DeepImageParams(HasInputCol, HasOutputCol, HasHandleInvalid):
     def getWeights(self) -> str:
         return self.getOrDefault(self.weights)
 
-    def getBatchSize(self) -> int:
-        return self.getOrDefault(self.batchSize)
-
-    def getThreads(self) -> int:
-        return self.getOrDefault(self.threads)
-
-    def setInputCol(self, value: str):
-        return self._set(inputCol=value)
-
-    def setOutputCol(self, value: str):
-        return self._set(outputCol=value)
-
     def setModelName(self, value: str):
         return self._set(modelName=value)
-
-    def setScaleHint(self, value: str):
-        return self._set(scaleHint=value)
 
     def setInputSize(self, value: int):
         return self._set(inputSize=value)
@@ -128,14 +119,10 @@ class DeepImageParams(HasInputCol, HasOutputCol, HasHandleInvalid):
     def setWeights(self, value: str):
         return self._set(weights=value)
 
-    def setBatchSize(self, value: int):
-        return self._set(batchSize=value)
 
-    def setThreads(self, value: int):
-        return self._set(threads=value)
-
-    def setHandleInvalid(self, value: str):
-        return self._set(handleInvalid=value)
+def set_given(stage: Params, kwargs: dict[str, Any]):
+    """``_set`` the keyword arguments a caller gave (``None`` means "keep the default")."""
+    return stage._set(**{name: value for name, value in kwargs.items() if value is not None})
 
 
 @dataclass(frozen=True)
@@ -151,6 +138,8 @@ class ModelRun:
     threads: int
     method: str
     handle_invalid: str
+    #: ``avg``, ``max`` or ``none`` (ignored with the classifier head).
+    pooling: str = "avg"
 
 
 def describe_weights(weights: str) -> str:
@@ -163,12 +152,14 @@ def describe_weights(weights: str) -> str:
 
 
 def resolve_run(
-    stage: DeepImageParams, spark: SparkSession, include_top: bool = False
+    stage: DeepImageParams, spark: SparkSession, include_top: bool = False, pooling: str = "avg"
 ) -> ModelRun:
-    """Check every Param of ``stage`` and ship a weights file to the executors if needed.
+    """Check the Params of ``stage`` that depend on each other, and ship a weights file to the
+    executors if needed (each Param alone was checked when it was set).
 
     Raises:
-        ValueError: a Param is out of range or the weights file is missing; names the value.
+        ValueError: the input size does not fit the model, or the weights file is missing;
+            names the value.
     """
     spec = get_spec(stage.getModelName())
     size = resolve_size(spec, stage.getInputSize())
@@ -177,21 +168,9 @@ def resolve_run(
             f"the ImageNet classifier of {spec.name} needs its native input size "
             f"{spec.native_size}. Received: inputSize={stage.getInputSize()}"
         )
-    method = stage.getScaleHint()
-    if method not in RESIZE_METHODS:
-        raise ValueError(f"scaleHint must be one of {RESIZE_METHODS}. Received: {method!r}")
-    batch_size, threads = stage.getBatchSize(), stage.getThreads()
-    if batch_size <= 0:
-        raise ValueError(f"batchSize must be > 0. Received: batchSize={batch_size}")
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0 (0 = default). Received: threads={threads}")
-    handle_invalid = stage.getOrDefault(stage.handleInvalid)
-    if handle_invalid not in HANDLE_INVALID:
-        raise ValueError(
-            f"handleInvalid must be one of {HANDLE_INVALID}. Received: {handle_invalid!r}"
-        )
     weights, shipped = ship_weights(spark, stage.getWeights(), spec.name)
-    return ModelRun(spec.name, size, weights, shipped, batch_size, threads, method, handle_invalid)
+    return ModelRun(spec.name, size, weights, shipped, stage.getBatchSize(), stage.getThreads(),
+                    stage.getResizeMethod(), stage.getHandleInvalid(), pooling)
 
 
 def ship_weights(
@@ -269,6 +248,7 @@ def application_key(run: ModelRun, include_top: bool) -> tuple:
     return model_key(
         "application", name=run.model_name, size=run.size, weights=run.weights,
         weights_file=_file_stamp(run), include_top=include_top,
+        pooling=None if include_top else run.pooling,
     )
 
 
@@ -278,9 +258,10 @@ def make_predict_fn(
     """``make_predict`` for :func:`pipelines.ml.inference.image_predict_udf`; captures only ``run``.
 
     The predict function takes uint8 RGB batches and returns ``{"values": model output}``
-    (features or class probabilities), or with ``include_top`` and ``top_k > 0`` the top-K class
-    ``{"indices": ..., "probabilities": ...}`` per image. The model comes from the worker's
-    cache (:func:`~pipelines.ml.model_cache.get_or_build`), keyed by :func:`application_key`.
+    (features, flattened, or class probabilities), or with ``include_top`` and ``top_k > 0``
+    the top-K class ``{"indices": ..., "probabilities": ...}`` per image. The model comes from
+    the worker's cache (:func:`~pipelines.ml.model_cache.get_or_build`), keyed by
+    :func:`application_key`.
     """
     key = application_key(run, include_top)
 
@@ -290,13 +271,15 @@ def make_predict_fn(
         def build():
             limit_threads(run.threads)
             weights = local_path(run.weights, run.weights_shipped)
-            return build_application(run.model_name, run.size, weights, include_top)
+            return build_application(run.model_name, run.size, weights, include_top,
+                                     run.pooling)
 
         model = get_or_build(key, build)
         preprocess = preprocess_fn(run.model_name)
 
         def predict(images: np.ndarray) -> dict[str, np.ndarray]:
             out = np.asarray(model.predict_on_batch(preprocess(images)), dtype=np.float32)
+            out = out.reshape(len(out), -1)  # pooling="none": the block, flattened (NHWC)
             if not top_k:
                 return {"values": out}
             order = np.argsort(-out, axis=1, kind="stable")[:, :top_k]
@@ -323,8 +306,8 @@ def predict_images(
     top_k: int = 0,
 ) -> DataFrame:
     """``dataset`` plus ``tmp_col``: a struct of the model outputs (:data:`VALUES` or
-    :data:`TOP_K` fields) of each valid image. Rows with a null or undecodable image are dropped
-    (``skip``) or fail the query with a message naming the column (``error``).
+    :data:`TOP_K` fields) and ``valid`` of each image. Rows with a null or undecodable image are
+    treated as ``run.handle_invalid`` says (:func:`~pipelines.ml.inference.apply_handle_invalid`).
 
     One ``predict_batch_udf`` decodes and resizes the images and runs the model (see
     :mod:`pipelines.ml.inference`): only the stored image bytes go to the Python workers.
@@ -335,26 +318,10 @@ def predict_images(
         TOP_K if top_k else VALUES, run.batch_size,
     )
     df = dataset.withColumn(tmp_col, predict(*image_inputs(input_col, kind)))
-    invalid = F.col(tmp_col)[VALID] == 0
-    if run.handle_invalid == "skip":
-        logger.info(
-            "rows of column %r with null or undecodable images are dropped (handleInvalid='skip')",
-            input_col,
-        )
-        return df.filter(~invalid)
-    where: Column = F.lit("")
+    detail = None
     if kind == "struct":
-        where = F.concat(F.lit(" origin="), F.coalesce(F.col(input_col).origin, F.lit("null")))
-    message = F.concat(
-        F.lit(
-            f"invalid image in column {input_col!r}: null, undecodable or not an 8-bit 1/3/4 "
-            f"channel image (handleInvalid='error'; use 'skip' to drop such rows). Received:"
-        ),
-        where,
-    )
-    return df.withColumn(
-        tmp_col, F.when(invalid, F.raise_error(message)).otherwise(F.col(tmp_col))
-    )
+        detail = F.concat(F.lit(" origin="), F.coalesce(F.col(input_col).origin, F.lit("null")))
+    return apply_handle_invalid(df, tmp_col, input_col, run.handle_invalid, detail)
 
 
 def _file_stamp(run: ModelRun) -> tuple[int, int] | None:
@@ -365,65 +332,88 @@ def _file_stamp(run: ModelRun) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-class DeepImageFeaturizer(
-    Transformer, DeepImageParams, DefaultParamsReadable, DefaultParamsWritable
-):
-    """Images in ``inputCol`` -> pooled Keras features (``VectorUDT``) in ``outputCol``.
+class DeepImageFeaturizerParams(DeepImageParams):
+    pooling: Param[str] = Param(
+        Params._dummy(), "pooling",
+        "features of the last block: 'avg' or 'max' global pooling, or 'none' (the block "
+        "flattened, as sparkdl gave it)",
+        typeConverter=one_of("pooling", POOLING),
+    )
 
-    Args:
-        inputCol: image struct or encoded image bytes column.
-        outputCol: output vector column.
-        modelName: one of :data:`pipelines.ml.applications.MODELS`.
-        scaleHint: resize method, one of :data:`pipelines.ml.inference.RESIZE_METHODS`.
-        inputSize: input height = width; 0 = the model's native size. At least the model's
-            Keras minimum (75 for InceptionV3, 71 for Xception, 32 for the others).
-        weights: ``"imagenet"`` (Keras cache), ``"none"`` (random initialisation), or a Keras
-            weights file (``.weights.h5`` / ``.h5``): local path, cluster URI or URL.
-        batchSize: images per model call.
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._setDefault(outputCol="features", pooling="avg")
+
+    def getPooling(self) -> str:
+        return self.getOrDefault(self.pooling)
+
+    def setPooling(self, value: str):
+        return self._set(pooling=value)
+
+
+class DeepImageFeaturizer(
+    Transformer, DeepImageFeaturizerParams, DefaultParamsReadable, DefaultParamsWritable
+):
+    """Images in ``inputCol`` -> Keras application features (``VectorUDT``) in ``outputCol``.
+
+    Args (every one has a default, set in the Params mixins; each is checked when set):
+        inputCol: image struct or encoded image bytes column (``"image"``).
+        outputCol: output vector column (``"features"``); must not exist yet.
+        modelName: one of :data:`pipelines.ml.applications.MODELS` (``"InceptionV3"``).
+        scaleHint: resize method (``"bilinear"``), one of
+            :data:`pipelines.imaging.resize.RESIZE_METHODS` or sparkdl's ``SCALE_*`` names.
+        inputSize: input height = width; 0 (default) = the model's native size. At least the
+            model's Keras minimum (75 for InceptionV3, 71 for Xception, 32 for the others).
+        weights: ``"imagenet"`` (default; Keras cache), ``"none"`` (random initialisation), or a
+            Keras weights file (``.weights.h5`` / ``.h5``): local path, cluster URI or URL.
+        pooling: ``"avg"`` (default), ``"max"`` or ``"none"`` (the last block flattened).
+        batchSize: images per model call (64).
         threads: TensorFlow intra-op threads per Python worker (0 = TensorFlow's default).
-        handleInvalid: ``"error"`` (fail naming the column) or ``"skip"`` (drop invalid rows).
+        handleInvalid: ``"error"`` (default), ``"skip"`` or ``"keep"`` (null features).
     """
 
     @keyword_only
     def __init__(
-        self, *, inputCol: str = "image", outputCol: str = "features",
-        modelName: str = "InceptionV3", scaleHint: str = "bilinear", inputSize: int = 0,
-        weights: str = "imagenet", batchSize: int = 64, threads: int = 0,
-        handleInvalid: str = "error",
+        self, *, inputCol: str | None = None, outputCol: str | None = None,
+        modelName: str | None = None, scaleHint: str | None = None,
+        inputSize: int | None = None, weights: str | None = None, pooling: str | None = None,
+        batchSize: int | None = None, threads: int | None = None,
+        handleInvalid: str | None = None,
     ):
         super().__init__()
-        self._setDefault(
-            inputCol="image", outputCol="features", modelName="InceptionV3",
-            scaleHint="bilinear", inputSize=0, weights="imagenet", batchSize=64, threads=0,
-            handleInvalid="error",
-        )
-        self.setParams(**self._input_kwargs)
+        set_given(self, self._input_kwargs)
 
     @keyword_only
     def setParams(
-        self, *, inputCol: str = "image", outputCol: str = "features",
-        modelName: str = "InceptionV3", scaleHint: str = "bilinear", inputSize: int = 0,
-        weights: str = "imagenet", batchSize: int = 64, threads: int = 0,
-        handleInvalid: str = "error",
+        self, *, inputCol: str | None = None, outputCol: str | None = None,
+        modelName: str | None = None, scaleHint: str | None = None,
+        inputSize: int | None = None, weights: str | None = None, pooling: str | None = None,
+        batchSize: int | None = None, threads: int | None = None,
+        handleInvalid: str | None = None,
     ):
-        return self._set(**self._input_kwargs)
+        return set_given(self, self._input_kwargs)
 
     def featureDim(self) -> int:
-        """Length of the output vectors."""
-        return get_spec(self.getModelName()).feature_dim
+        """Length of the output vectors (with ``pooling="none"``, builds the model to know)."""
+        spec = get_spec(self.getModelName())
+        if self.getPooling() != "none":
+            return spec.feature_dim
+        from pipelines.ml.models import build_application
+
+        size = resolve_size(spec, self.getInputSize())
+        shape = build_application(spec.name, size, "none", pooling="none").output_shape
+        return int(np.prod(shape[1:]))
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         input_col, output_col = self.getInputCol(), self.getOutputCol()
-        if input_col not in dataset.columns:
-            raise ValueError(
-                f"inputCol {input_col!r} is not a column of the dataset {dataset.columns}. "
-                f"Received: inputCol={input_col!r}"
-            )
-        run = resolve_run(self, dataset.sparkSession)
+        check_input_column(dataset, input_col)
+        check_output_columns(dataset, outputCol=output_col)
+        run = resolve_run(self, dataset.sparkSession, pooling=self.getPooling())
         logger.info(
-            "featurizing %r with %s at %dx%d, weights: %s",
-            input_col, run.model_name, run.size, run.size, describe_weights(self.getWeights()),
+            "featurizing %r with %s at %dx%d (pooling %s), weights: %s", input_col,
+            run.model_name, run.size, run.size, run.pooling, describe_weights(self.getWeights()),
         )
         tmp = f"__features_{self.uid}"
         df = predict_images(dataset, input_col, run, tmp)
-        return df.withColumn(output_col, array_to_vector(F.col(tmp)["values"])).drop(tmp)
+        features = F.when(F.col(tmp)["valid"] == 1, array_to_vector(F.col(tmp)["values"]))
+        return df.withColumn(output_col, features).drop(tmp)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pyspark.ml.functions import predict_batch_udf
-from pyspark.sql import Column
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import BinaryType, DataType, IntegerType, StructField, StructType
 
@@ -74,7 +74,10 @@ def image_array(value: Any, kind: InputKind) -> np.ndarray | None:
         return None
     try:
         if kind == "struct":
-            return to_rgb(struct_to_array(value))
+            array = struct_to_array(value)
+            if array.dtype != np.uint8:
+                raise ValueError(f"models take 8-bit images. Received: dtype={array.dtype}")
+            return to_rgb(array)
         return decode_image(bytes(value))
     except ValueError as exc:
         logger.warning("skipping an invalid image: %s", exc)
@@ -170,3 +173,40 @@ def image_predict_udf(
     return_type = StructType([*outputs.fields, StructField(VALID, IntegerType())])
     udf = predict_batch_udf(make, return_type=return_type, batch_size=batch_size)
     return udf.asNondeterministic()
+
+
+def apply_handle_invalid(
+    df: DataFrame, tmp_col: str, input_col: str, mode: str, detail: Column | None = None,
+    what: str = "image",
+) -> DataFrame:
+    """Treat the rows whose ``tmp_col`` struct has ``valid = 0`` the way ``handleInvalid`` says.
+
+    ``skip`` drops them, ``error`` fails the query with a message naming ``input_col`` (and
+    ``detail``, e.g. the image's origin), ``keep`` leaves them: callers null their outputs with
+    :func:`when_valid`.
+    """
+    invalid = F.col(tmp_col)[VALID] == 0
+    if mode == "skip":
+        logger.info("rows of column %r with null or unreadable input are dropped "
+                    "(handleInvalid='skip')", input_col)
+        return df.filter(~invalid)
+    if mode == "keep":
+        return df
+    if mode != "error":
+        raise ValueError(
+            f"handleInvalid must be 'error', 'skip' or 'keep'. Received: handleInvalid={mode!r}"
+        )
+    message = F.concat(
+        F.lit(f"invalid {what} in column {input_col!r}: null, unreadable or of the wrong shape "
+              f"(handleInvalid='error'; use 'skip' to drop such rows or 'keep' to get nulls). "
+              f"Received:"),
+        detail if detail is not None else F.lit(""),
+    )
+    return df.withColumn(
+        tmp_col, F.when(invalid, F.raise_error(message)).otherwise(F.col(tmp_col))
+    )
+
+
+def when_valid(tmp_col: str, value: Column) -> Column:
+    """``value`` for rows whose ``tmp_col`` struct is valid, null otherwise."""
+    return F.when(F.col(tmp_col)[VALID] == 1, value)

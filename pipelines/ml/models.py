@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_application(
-    name: str, input_size: int, weights: str, include_top: bool = False
+    name: str, input_size: int, weights: str, include_top: bool = False, pooling: str = "avg"
 ) -> Any:
     """Build a Keras application model with its weights (executor side; imports Keras).
 
@@ -34,7 +34,10 @@ def build_application(
         input_size: height = width of the input, already resolved (see :func:`resolve_size`).
         weights: ``"imagenet"``, ``"none"`` or a local weights file.
         include_top: the full classifier (softmax over 1000 classes) instead of the
-            average-pooled features of the last convolutional block.
+            features of the last convolutional block.
+        pooling: without the top, ``"avg"`` or ``"max"`` global pooling of the last block, or
+            ``"none"``: the block itself (batch, h, w, channels), as sparkdl returned it
+            (flattened by the caller).
 
     Raises:
         ValueError: the weights are missing or do not fit the model; the message names both.
@@ -46,7 +49,9 @@ def build_application(
     shape = (input_size, input_size, 3)
     kwargs: dict[str, Any] = {"include_top": include_top, "input_shape": shape}
     if not include_top:
-        kwargs["pooling"] = "avg"
+        if pooling not in ("avg", "max", "none"):
+            raise ValueError(f"pooling must be 'avg', 'max' or 'none'. Received: {pooling!r}")
+        kwargs["pooling"] = None if pooling == "none" else pooling
     if weights == "imagenet":
         try:
             return constructor(weights="imagenet", **kwargs)

@@ -36,7 +36,7 @@ def run_score(spark: SparkSession, config: Config) -> dict[str, Any]:
     images, column = load_inputs(spark, cfg)
     scorer = KerasImageClassifier(
         modelPath=cfg.model, inputCol=column, batchSize=cfg.batch_size, scale=cfg.scale,
-        scaleHint=cfg.resize_method,
+        scaleHint=cfg.resize_method, handleInvalid="keep",
     )
     keep = ["id"] + (["label"] if "label" in images.columns else [])
     scored = scorer.transform(images).select(*keep, "prediction", "probability")
