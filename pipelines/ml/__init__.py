@@ -2,6 +2,8 @@
 
     from pipelines.ml import DeepImageFeaturizer, DeepImagePredictor, KerasImageClassifier
 
+sparkdl programs can import the same stages under sparkdl's names from :mod:`pipelines.sparkdl`.
+
 The names below are loaded on first use, so that the light modules of this package (the
 application registry, architecture specs) can be imported without Spark or TensorFlow.
 """
@@ -14,21 +16,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipelines.ml.classifier import KerasImageClassifier
     from pipelines.ml.featurizer import DeepImageFeaturizer
-    from pipelines.ml.predictor import DeepImagePredictor, register_keras_image_udf
+    from pipelines.ml.keras_image_file import KerasImageFileTransformer
+    from pipelines.ml.keras_transformer import KerasTransformer
+    from pipelines.ml.predictor import (
+        DeepImagePredictor,
+        register_keras_image_udf,
+        registerKerasImageUDF,
+    )
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
     "DeepImageFeaturizer": "pipelines.ml.featurizer",
     "DeepImagePredictor": "pipelines.ml.predictor",
     "KerasImageClassifier": "pipelines.ml.classifier",
+    "KerasImageFileTransformer": "pipelines.ml.keras_image_file",
+    "KerasTransformer": "pipelines.ml.keras_transformer",
     "register_keras_image_udf": "pipelines.ml.predictor",
+    "registerKerasImageUDF": "pipelines.ml.predictor",
 }
 
 __all__ = [
     "DeepImageFeaturizer",
     "DeepImagePredictor",
     "KerasImageClassifier",
+    "KerasImageFileTransformer",
+    "KerasTransformer",
     "register_keras_image_udf",
+    "registerKerasImageUDF",
 ]
 
 
