@@ -35,6 +35,7 @@ from pyspark.sql.types import (
 from pipelines.imaging.image_struct import decode_image, encode_png
 from pipelines.imaging.resize import resize
 from pipelines.ml.models import build_application, preprocess_fn
+from pipelines.ml.predictor import register_keras_image_udf
 from pipelines.sparkdl import (
     DeepImageFeaturizer,
     DeepImagePredictor,
@@ -338,10 +339,13 @@ def test_quick_guide_sql_udfs_from_a_model_object_a_file_and_a_preprocessor(
         return img_to_array(img).astype(np.uint8)
 
     registerKerasImageUDF("my_preprocessed_udf", small_cnn, keras_load_img)
+    # The same model with a batch preprocessor: the worker reuses the model, not the preprocessing.
+    register_keras_image_udf(spark, "halved_udf", small_cnn, preprocessor=_halve)
     image_df.createOrReplaceTempView("sample_images")
     rows = spark.sql(
         "SELECT uri, cnn_udf(image) AS a, my_custom_keras_model_udf(image) AS b, "
-        "my_preprocessed_udf(image) AS c FROM sample_images ORDER BY uri").collect()
+        "my_preprocessed_udf(image) AS c, halved_udf(image) AS d "
+        "FROM sample_images ORDER BY uri").collect()
 
     images = rgb_images(image_dir)
     resized = np.stack([resize(a, 16, 16).astype(np.float32) for a in images])
@@ -350,6 +354,11 @@ def test_quick_guide_sql_udfs_from_a_model_object_a_file_and_a_preprocessor(
     assert_close([r.b for r in rows], expected)
     via_files = np.stack([keras_load_img(u) for u in uris(image_dir)]).astype(np.float32)
     assert_close([r.c for r in rows], small_cnn.predict(via_files, verbose=0))
+    assert_close([r.d for r in rows], small_cnn.predict(resized / 2, verbose=0))
+
+
+def _halve(batch):
+    return batch / 2
 
 
 def test_sql_udf_tells_a_misspelled_model_name_from_a_missing_file(spark):

@@ -275,20 +275,20 @@ def register_keras_image_udf(
         source, shipped = ship_weights(spark, weights, model)
         key = model_key("application", name=model, size=size, weights=source,
                         include_top=True, pooling=None)
-        builder = _application_builder(model, size, source, shipped)
+        builder = _application_builder(key, model, size, source, shipped)
         logger.info("registering %s: %s, weights: %s", name, model, describe_weights(weights))
     elif isinstance(model, str):
         _check_model_path(model)
         source, shipped = ship_weights(spark, model, f"SQL function {name!r}", param="model")
         stamp = None if shipped else (os.stat(source).st_size, os.stat(source).st_mtime_ns)
         key = model_key("file", source=source, stamp=stamp)
-        builder = _file_builder(lambda: local_path(source, shipped), preprocessor)
+        builder = _file_builder(key, lambda: local_path(source, shipped), preprocessor)
         logger.info("registering %s: Keras model file %s", name, model)
     elif hasattr(model, "predict_on_batch") and hasattr(model, "input_shape"):
         data = _model_bytes(model)
         digest = hashlib.sha256(data).hexdigest()[:16]
         key = model_key("bytes", digest=digest)
-        builder = _file_builder(_bytes_file(data, digest), preprocessor)
+        builder = _file_builder(key, _bytes_file(data, digest), preprocessor)
         logger.info("registering %s: in-memory Keras model %s (%s)", name, model.name, digest)
     else:
         raise ValueError(
@@ -298,7 +298,7 @@ def register_keras_image_udf(
 
     @pandas_udf(ArrayType(FloatType()))
     def run_model(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
-        predict, (height, width, channels) = get_or_build(key, builder)
+        predict, (height, width, channels) = builder()
         for batch in batches:
             kind = "struct" if isinstance(batch, pd.DataFrame) else "binary"
             values = batch.to_dict("records") if kind == "struct" else batch
@@ -393,11 +393,16 @@ def _load_through_files(
     return batch, np.array(valid, dtype=bool)
 
 
-def _application_builder(model: str, size: int, source: str, shipped: bool) -> Callable[[], Any]:
+def _application_builder(
+    key: tuple, model: str, size: int, source: str, shipped: bool
+) -> Callable[[], Any]:
+    """Worker side: (predict function, input shape); the model from the worker's cache."""
+
     def build() -> Any:
         from pipelines.ml.models import build_application, preprocess_fn
 
-        keras_model = build_application(model, size, local_path(source, shipped), include_top=True)
+        keras_model = get_or_build(key, lambda: build_application(
+            model, size, local_path(source, shipped), include_top=True))
         preprocess = preprocess_fn(model)
 
         def predict(x: np.ndarray) -> np.ndarray:
@@ -409,14 +414,20 @@ def _application_builder(model: str, size: int, source: str, shipped: bool) -> C
 
 
 def _file_builder(
-    path_of: Callable[[], str], preprocessor: str | Preprocessor | None
+    key: tuple, path_of: Callable[[], str], preprocessor: str | Preprocessor | None
 ) -> Callable[[], Any]:
+    """Worker side: (predict function, input shape); the model (only: the preprocessor is not
+    part of its key) from the worker's cache."""
+
     def build() -> Any:
         from pipelines.ml.keras_files import image_input_shape, load_model_file
 
-        path = path_of()
-        keras_model = load_model_file(path, shown=path)
-        shape = image_input_shape(keras_model, shown=path)
+        def load() -> Any:
+            path = path_of()
+            return load_model_file(path, shown=path)
+
+        keras_model = get_or_build(key, load)
+        shape = image_input_shape(keras_model, shown=str(key))
         if isinstance(preprocessor, str):
             from pipelines.ml.models import preprocess_fn
 
