@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/export_png.py
 	$(PY) benchmarks/augment.py
 	$(PY) benchmarks/featurizer.py
+	$(PY) benchmarks/model_cache.py
 	$(PY) benchmarks/cnn.py --images out/images
 	$(PY) benchmarks/cnn_architectures.py --images out/images --architectures seed,default --rows 3072 --rounds 3
 
