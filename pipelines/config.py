@@ -358,8 +358,27 @@ class PipelineConfig(Section):
     report: bool = True
     #: Folder of the stage manifests (one ``<stage>.json`` per finished stage).
     manifests: str = "{output_root}/_manifests"
-    #: The summary of the last run: stages, what each did, timings, status.
+    #: The summary of the last run: stages, what each did, timings, status, pid, heartbeat.
     run_summary: str = "{output_root}/run.json"
+    #: The lock file of the output root: one run at a time writes under it.
+    lock: str = "{output_root}/_run.lock"
+    #: Seconds to wait for another run's lock to be released; 0: exit at once (exit code 3).
+    lock_wait_s: float = Field(default=0.0, ge=0)
+    #: Seconds between heartbeats (the lock's modification time and ``heartbeat_at``).
+    heartbeat_s: float = Field(default=30.0, gt=0)
+    #: A lock or a ``running`` run summary without a heartbeat for this long is stale (its run
+    #: was killed); on the lock's own host a holder whose process is gone is stale at once.
+    stale_after_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _stale_after_heartbeats(self) -> PipelineConfig:
+        if self.stale_after_s < 3 * self.heartbeat_s:
+            raise ValueError(
+                "pipeline.stale_after_s must be at least 3 heartbeats (pipeline.heartbeat_s), "
+                "or a live run could be taken for a killed one. Received: "
+                f"stale_after_s={self.stale_after_s}, heartbeat_s={self.heartbeat_s}"
+            )
+        return self
 
 
 class ReportConfig(Section):

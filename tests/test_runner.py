@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REGISTRY = (
     StageSpec("ingest", run_ingest, ("mnist", "ingest"), (),
               ("ingest.folder", "mnist.local_dir"), ("ingest.output",)),
-    StageSpec("count", count_labels, ("visualize",), ("ingest",),
+    StageSpec("count", count_labels, ("visualize",), (),
               ("visualize.input",), ("visualize.output",)),
     StageSpec("later", broken, ("visualize",), ("count",), (), ()),
 )
@@ -75,7 +75,7 @@ def test_rerun_skips_matching_stages_and_redoes_changed_ones_and_their_downstrea
     changed = _config(out, tiny_mnist_dir, "visualize.seed=7", "ingest.validation_size=5")
     fourth = _run(spark, changed)
     assert _actions(fourth) == {"ingest": "ran", "count": "ran"}
-    assert fourth["stages"][1]["reason"] == "upstream redone: ingest"
+    assert fourth["stages"][1]["reason"] == "input changed: visualize.input (written by ingest)"
     assert _actions(_run(spark, changed, force=True)) == {"ingest": "ran", "count": "ran"}
 
 
@@ -87,10 +87,11 @@ def test_missing_or_changed_output_makes_the_stage_run_again(spark, tmp_path, ti
     run = _run(spark, config)
     assert _actions(run) == {"ingest": "skipped", "count": "ran"}
     assert "missing" in run["stages"][1]["reason"]
-    # An upstream output rewritten outside the runner (by its own job) is a changed input.
+    # An output rewritten outside the runner (by its own job) redoes its stage; the rewrite
+    # has the same bytes, so the stage reading it is still up to date.
     run_ingest(spark, config)
     run = _run(spark, config)
-    assert _actions(run) == {"ingest": "ran", "count": "ran"}
+    assert _actions(run) == {"ingest": "ran", "count": "skipped"}
     assert "changed since the manifest" in run["stages"][0]["reason"]
 
 
@@ -200,3 +201,56 @@ def test_unreadable_input_fails_the_stage_with_a_clear_cause(spark, tmp_path, ti
     with pytest.raises(StageFailed, match="stage 'ingest' failed: ValueError: no decodable images"):
         _run(spark, config, registry=REGISTRY[:1])
     assert not (out / "_manifests" / "ingest.json").exists() and not (out / "images").exists()
+
+
+def test_stage_graph_follows_the_input_paths_in_the_config(tmp_path):
+    from pipelines.run.runner import reads, upstream_of
+
+    by_name = {spec.name: spec for spec in STAGES}
+    config = load_config(ROOT / "conf" / "test.yaml", [f"output_root={tmp_path}"])
+    assert reads(config, by_name["train_cnn"]) == {"cnn.inputs[0]": "ingest"}
+    assert upstream_of(config, by_name["augment"]) == ("export",)
+    assert upstream_of(config, by_name["score"]) == ("ingest", "train_cnn")
+    assert upstream_of(config, by_name["ingest"]) == ()
+    with_augmented = load_config(ROOT / "conf" / "test.yaml", [
+        f"output_root={tmp_path}", "cnn.inputs=['{output_root}/images', "
+        "'{output_root}/augmented/parquet']", "augment.input={output_root}/images",
+        "augment.input_format=parquet"])
+    assert reads(with_augmented, by_name["train_cnn"]) == {
+        "cnn.inputs[0]": "ingest", "cnn.inputs[1]": "augment"}
+    assert upstream_of(with_augmented, by_name["augment"]) == ("ingest",)
+    assert set(upstream_of(config, by_name["report"])) == set(by_name) - {"report"}
+
+
+@pytest.mark.slow
+def test_cnn_is_redone_only_when_the_augmented_data_it_reads_changed(
+    spark, tmp_path, tiny_mnist_dir
+):
+    out = tmp_path / "out"
+    registry = tuple(s for s in STAGES if s.name in ("ingest", "export", "augment", "train_cnn"))
+    stages = [s.name for s in registry]
+    augmented = "cnn.inputs=['{output_root}/images', '{output_root}/augmented/parquet']"
+
+    def run(*extra, **plan_args):
+        config = _config(out, tiny_mnist_dir, "cnn.architecture=seed", "cnn.epochs=1",
+                         "augment.samples_per_image=2", *extra)
+        return _run(spark, config, registry=registry, **plan_args)
+
+    assert _actions(run()) == dict.fromkeys(stages, "ran")
+    # The default cnn.inputs does not read augmented data: a new augmentation leaves it alone.
+    second = run("augment.seed=1")
+    assert _actions(second) == {"ingest": "skipped", "export": "skipped", "augment": "ran",
+                                "train_cnn": "skipped"}
+    # Train on the augmented data too: the CNN is redone once for the new inputs...
+    assert _actions(run("augment.seed=1", augmented))["train_cnn"] == "ran"
+    cnn = json.loads((out / "_manifests" / "train_cnn.json").read_text())
+    assert cnn["inputs"]["paths"]["cnn.inputs[1]"]["written_by"] == "augment"
+    # ... a forced rerun of augment writes the same bytes: the CNN stays up to date ...
+    forced = run("augment.seed=1", augmented, only=["augment"], force=True)
+    assert _actions(forced) == {"augment": "ran"}
+    assert _actions(run("augment.seed=1", augmented))["train_cnn"] == "skipped"
+    # ... and different augmented images redo it, saying why.
+    changed = run("augment.seed=2", augmented)
+    assert _actions(changed) == {"ingest": "skipped", "export": "skipped", "augment": "ran",
+                                 "train_cnn": "ran"}
+    assert changed["stages"][3]["reason"] == "input changed: cnn.inputs[1] (written by augment)"

@@ -9,6 +9,7 @@ output under the final name and never destroys the previous good one.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -128,6 +129,42 @@ class Storage:
 
     def write_text(self, path: str, text: str) -> None:
         self.write_bytes(path, text.encode("utf-8"))
+
+    def create_new(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` only if nothing is there; False when something is.
+
+        Exclusive on a local filesystem (``O_EXCL``) and on HDFS (a create without overwrite is
+        one NameNode call); on object stores only as good as their conditional writes.
+        """
+        qualified = self.qualify(path)
+        if qualified.startswith("file:"):
+            local = "/" + qualified.removeprefix("file:").lstrip("/")
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            try:
+                fd = os.open(local, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            return True
+        fs, jpath = self._path(path)
+        fs.mkdirs(jpath.getParent())
+        try:
+            out = fs.create(jpath, False)
+        except Exception as exc:  # py4j wraps FileAlreadyExistsException
+            if "AlreadyExists" in str(exc) or fs.exists(jpath):
+                return False
+            raise
+        try:
+            out.write(bytearray(data))
+        finally:
+            out.close()
+        return True
+
+    def touch(self, path: str) -> None:
+        """Set the modification time of an existing ``path`` to now (a heartbeat)."""
+        fs, jpath = self._path(path)
+        fs.setTimes(jpath, int(time.time() * 1000), -1)
 
     def temp_sibling(self, path: str) -> str:
         """A fresh, unused path next to ``path`` for building a replacement of it."""

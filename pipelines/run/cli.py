@@ -1,7 +1,8 @@
 """The command line every job shares: ``--config``, ``--set``, logging, exit codes.
 
 Exit codes, for schedulers: 0 success, 1 the stage failed (the log names the cause),
-2 bad usage or configuration (nothing was started).
+2 bad usage or configuration (nothing was started), 3 another run holds the output root's lock
+(nothing was written; retry later).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pyspark.sql import SparkSession
 
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.run.logs import configure_logging
+from pipelines.run.state import RunLocked
 
 logger = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_LOCKED = 3
 
 Stage = Callable[[SparkSession, Config], Any]
 
@@ -70,6 +73,9 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
     spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
     try:
         summary = stage(spark, config)
+    except RunLocked as exc:
+        logger.error("%s did not start: %s", name, exc)
+        return EXIT_LOCKED
     except StageFailed as exc:
         logger.error("%s failed: %s", name, exc)
         return EXIT_FAILED

@@ -4,20 +4,19 @@ A manifest is a small JSON file ``<pipeline.manifests>/<stage>.json`` (default
 ``{output_root}/_manifests/<stage>.json``), written atomically by the runner only after the stage
 function returned. Its presence means "this stage's outputs are complete"; a stage that failed
 or was killed has none (the runner deletes the old one before the stage starts), so a rerun
-redoes it. Format (``format`` 1)::
+redoes it. Format (``format`` 2)::
 
     {
-      "format": 1,
-      "stage": "ingest",
+      "format": 2,
+      "stage": "train_cnn",
       "status": "succeeded",
       "run_id": "20261130T081500Z-3f9c2a",
-      "entry": "pipelines.stages.ingest:run_ingest",
-      "config_sections": ["mnist", "ingest"],
+      "entry": "pipelines.stages.train_cnn:run_train_cnn",
+      "config_sections": ["cnn"],
       "config_digest": "<sha256 of those config sections>",
       "input_fingerprint": "<sha256 of the 'inputs' object>",
-      "inputs": {"upstream": {"<stage>": {"manifest": "<digest or null>",
-                                          "outputs": {"<key>": <fingerprint>}}},
-                 "paths": {"<config key>": <fingerprint>}},
+      "inputs": {"paths": {"cnn.inputs[0]": {<content fingerprint>, "written_by": "ingest"}},
+                 "upstream": {"<fixed upstream stage>": "<its manifest digest or null>"}},
       "outputs": {"<config key>": <fingerprint>},
       "counts": {"rows": 70000, ...},          # the numbers at the top of the stage summary
       "summary": {...},                        # the stage function's whole summary
@@ -27,18 +26,26 @@ redoes it. Format (``format`` 1)::
       "digest": "<sha256 of everything above>"
     }
 
-A path fingerprint is ``{"path", "exists", "kind": "file"|"dir", "files", "bytes", "mtime"}``,
-read through Hadoop's FileSystem (any URI) with two calls per path, so it is cheap even for a
-folder of 70,000 PNG files. It sees files added, removed, resized and folders rewritten (every
-stage publishes a fresh folder); an in-place edit that keeps every size and the folder's
-modification time is not seen: use ``--force`` then.
+A path fingerprint (:func:`fingerprint`) is ``{"path", "exists", "kind": "file"|"dir", "files",
+"bytes", "mtime"}``, read through Hadoop's FileSystem (any URI) with two calls per path, so it
+is cheap even for a folder of 70,000 PNG files: the runner uses it for a stage's own outputs.
+
+An input fingerprint (:func:`content_fingerprint`) is what the next stage compares: on a local
+filesystem it is the SHA-256 of the content of every file a reader sees under the path (names
+starting with ``_`` or ``.`` are skipped, as Spark's readers skip them; the random part of Spark's
+``part-NNNNN-<uuid>`` file names is ignored), so a byte-identical rewrite of an upstream output
+(a forced or repeated rerun of a deterministic stage) does not redo the stages that read it. On
+other filesystems (``hdfs://``, ``s3a://``) it falls back to the size-and-mtime fingerprint.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
+import re
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -49,7 +56,7 @@ from pipelines.io.task_files import is_temp_name
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 SUCCEEDED = "succeeded"
 #: Distributions whose versions each manifest records (first installed name wins).
 VERSIONED = {
@@ -84,6 +91,50 @@ def fingerprint(storage: Storage, path: str) -> dict[str, Any]:
     if stat is None:
         return {"path": path, "exists": False}
     return {"path": path, "exists": True, **stat}
+
+
+#: The random part of the file names Spark's writers give (``part-00000-<uuid>-c000.parquet``).
+_PART_UUID = re.compile(r"^(part-\d+)-[0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12}")
+
+
+def content_fingerprint(storage: Storage, path: str) -> dict[str, Any]:
+    """An input path's fingerprint: its content digest when it is local, else :func:`fingerprint`.
+
+    ``{"path", "exists", "kind", "files", "bytes", "sha256"}`` for a local path (no mtime: a
+    rewrite with the same bytes is the same input).
+    """
+    qualified = storage.qualify(path)
+    if not qualified.startswith("file:"):
+        return fingerprint(storage, path)
+    local = qualified.removeprefix("file:")
+    local = "/" + local.lstrip("/")
+    if not os.path.exists(local):
+        return {"path": path, "exists": False}
+    if os.path.isfile(local):
+        digest, size = _file_sha256(local)
+        return {"path": path, "exists": True, "kind": "file", "files": 1, "bytes": size,
+                "sha256": digest}
+    total, files, size = hashlib.sha256(), 0, 0
+    for folder, dirs, names in os.walk(local):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+        for name in sorted(n for n in names if not n.startswith(("_", "."))):
+            full = os.path.join(folder, name)
+            digest, length = _file_sha256(full)
+            rel = os.path.relpath(full, local)
+            rel = os.path.join(os.path.dirname(rel), _PART_UUID.sub(r"\1", name))
+            total.update(f"{rel}\0{length}\0{digest}\n".encode())
+            files, size = files + 1, size + length
+    return {"path": path, "exists": True, "kind": "dir", "files": files, "bytes": size,
+            "sha256": total.hexdigest()}
+
+
+def _file_sha256(path: str) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def summary_counts(summary: Any) -> dict[str, int | float]:
