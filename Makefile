@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= conf/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint bench clean chromium dist
+.PHONY: install run test lint bench clean chromium dist FORCE
 
 install: $(STAMP)
 
@@ -44,17 +44,45 @@ bench: install
 	$(PY) benchmarks/cnn.py --images out/images
 	$(PY) benchmarks/cnn_architectures.py --images out/images --architectures seed,default --rows 3072 --rounds 3
 
-# For clusters: the wheel, and a packed virtualenv holding it and every dependency, for
-# spark-submit --archives dist/env.tar.gz#environment (see docs/cluster.md).
+# For clusters: the wheel, and a packed virtualenv holding it and what executors import, for
+# spark-submit --archives dist/env.tar.gz#environment (see docs/cluster.md). Rebuilt only when
+# the package, pyproject.toml or the options below changed.
+#   DIST_PYSPARK=1            also pack pyspark and py4j (~490 MB unpacked). Left out by default:
+#                             a cluster's Spark puts its own on the Python workers' path.
+#   DIST_PYTHON_PREFIX=/usr   where Python 3.11 is on the nodes (the archive's bin/python links
+#                             to <prefix>/bin/python3.11); default: this machine's interpreter.
 DIST_ENV := build/env
-dist: install
-	rm -rf dist $(DIST_ENV)
+DIST_PYSPARK ?= 0
+DIST_PYTHON_PREFIX ?=
+DIST_OPTIONS := pyspark=$(DIST_PYSPARK) prefix=$(DIST_PYTHON_PREFIX) python=$(PYTHON)
+DIST_SOURCES := pyproject.toml $(shell find pipelines -type f -not -path '*/__pycache__/*')
+
+dist: dist/env.tar.gz
+
+build/dist-options: FORCE
+	@mkdir -p build
+	@echo '$(DIST_OPTIONS)' | cmp -s - $@ || echo '$(DIST_OPTIONS)' > $@
+
+dist/env.tar.gz: $(STAMP) $(DIST_SOURCES) build/dist-options
+	rm -rf dist $(DIST_ENV) build/lib build/bdist.*
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dist]'
 	$(PY) -m build --wheel --outdir dist .
 	$(PYTHON) -m venv $(DIST_ENV)
 	$(DIST_ENV)/bin/pip install --disable-pip-version-check -q dist/*.whl
-	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/env.tar.gz
-	@ls -lh dist
+	@if [ "$(DIST_PYSPARK)" != 1 ]; then \
+	  $(DIST_ENV)/bin/pip uninstall --disable-pip-version-check -q -y pyspark py4j; fi
+	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/env.tar.gz \
+	  $(if $(DIST_PYTHON_PREFIX),--python-prefix $(DIST_PYTHON_PREFIX))
+	chmod 0644 dist/env.tar.gz
+	@base=$$($(DIST_ENV)/bin/python -c 'import sys; print(sys.base_prefix)'); \
+	if [ -z "$(DIST_PYTHON_PREFIX)" ]; then case "$$base" in /home/*|/root/*) \
+	  echo "WARNING: the archive's python links to $$base/bin/python3.11, in a home" \
+	       "directory: nodes need Python 3.11 there. Set DIST_PYTHON_PREFIX=<prefix on the nodes>.";; \
+	esac; fi
+	@echo "dist/env.tar.gz: $$(du -m dist/env.tar.gz | cut -f1) MB packed," \
+	  "$$(du -sm $(DIST_ENV) | cut -f1) MB unpacked on each executor"
+
+FORCE:
 
 clean:
 	rm -rf out out-test spark-warehouse .pytest_cache build dist

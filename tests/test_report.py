@@ -63,16 +63,24 @@ def finished_run(spark, tmp_path, tiny_mnist_dir):
     (out / "cnn").mkdir()
     (out / "cnn" / "confusion_matrix.png").write_bytes(_png(120, 100, 1))
     (out / "cnn" / "training_curves.png").write_bytes(_png(160, 90, 2))
+    long_names = ["a-rather-long-class-name", "cat", "dog"]
+    (out / "sheets" / "per_class.png").write_bytes(
+        render_sheet(digits[:9], None, columns=3, title="3 per class", row_labels=long_names))
     cnn_metrics = {"test_accuracy": 0.9812, "weights": "none (trained from random init)",
-                   "confusion_matrix": [[5, 1], [0, 7]]}
+                   "per_class": [{"label": i, "name": n, "precision": 0.9, "recall": 0.8,
+                                  "support": 10} for i, n in enumerate(long_names)],
+                   "confusion_matrix": [[5, 1, 0], [0, 7, 1], [2, 0, 9]]}
     (out / "cnn" / "metrics.json").write_text(json.dumps(cnn_metrics))
     store = ManifestStore(Storage(spark), config.pipeline.manifests)
     recorded = {
-        "visualize": {"artifacts": {"contact_sheets": [str(out / "sheets" / "train.png")]}},
-        "train_cnn": {"epochs": 2, "model": "cnn/model", "artifacts": {
-            "metrics": str(out / "cnn" / "metrics.json"),
-            "confusion_matrix": str(out / "cnn" / "confusion_matrix.png"),
-            "training_curves": str(out / "cnn" / "training_curves.png")}},
+        "visualize": {"artifacts": {"contact_sheets": [str(out / "sheets" / "train.png"),
+                                                       str(out / "sheets" / "per_class.png")]}},
+        "train_cnn": {"epochs": 2, "model": "cnn/model",
+                      "architecture_spec": {"name": "seed", "epochs": 10, "batch_size": 128},
+                      "artifacts": {
+                          "metrics": str(out / "cnn" / "metrics.json"),
+                          "confusion_matrix": str(out / "cnn" / "confusion_matrix.png"),
+                          "training_curves": str(out / "cnn" / "training_curves.png")}},
     }
     for stage, summary in recorded.items():
         store.write(build_manifest(
@@ -116,7 +124,7 @@ def test_report_page_and_all_its_images_load_in_headless_chromium(finished_run, 
     images = json.loads(html.unescape(found.group(1)))
     assert sorted(src for src, _ in images) == [
         "img/train_cnn-confusion_matrix.png", "img/train_cnn-training_curves.png",
-        "img/visualize-train.png"]
+        "img/visualize-per_class.png", "img/visualize-train.png"]
     assert all(width > 0 for _, width in images), images
     text = re.sub(r"<[^>]+>", " ", dom)
     assert "Test &lt;report&gt;" in dom  # the title is escaped
@@ -125,11 +133,38 @@ def test_report_page_and_all_its_images_load_in_headless_chromium(finished_run, 
         assert expected in text, expected
     assert re.search(r"The\s+transfer\s+stage has not run", text)
     assert re.search(r"validation\s*</td>\s*<td[^>]*>10<", dom)
+    # The run's final status, stamped after its last stage (the report) finished.
+    assert re.search(r"Run status:\s*<b[^>]*>succeeded</b>", dom)
+    # Per-class metrics: one table with a row per class, not one small table per class.
+    assert dom.count("<th>precision</th>") == 1
+    assert re.search(r"<td>a-rather-long-class-name</td>\s*<td[^>]*>0.9</td>", dom)
+    # The confusion matrix names its rows (true label) and columns (prediction).
+    assert "true ↓ / predicted →" in dom
+    assert re.search(r"<th>dog</th>\s*<td[^>]*>2</td>\s*<td[^>]*>0</td>\s*"
+                     r"<td class=\"num diag\">9</td>", dom)
+    # The architecture's default epochs are not shown as if they were the run's.
+    assert "epochs (the architecture's default; this run: 2)" in text
+    assert "Contact sheet: a seeded sample of the train split." in text
 
+    # As a reader sees it, at 1400 px: look at this image when changing the page.
     shot = tmp_path / "report.png"
-    _render(moved / "index.html", tmp_path, f"--screenshot={shot}", "--window-size=1200,2400")
-    pixels = np.asarray(Image.open(shot).convert("L"))
-    assert pixels.std() > 5  # not a blank page
+    _render(moved / "index.html", tmp_path, f"--screenshot={shot}", "--window-size=1400,3000")
+    page_pixels = np.asarray(Image.open(shot).convert("L"))
+    assert page_pixels.shape[1] == 1400 and page_pixels.std() > 5  # not a blank page
+
+
+def test_contact_sheet_keeps_long_row_labels_whole():
+    digits = [np.full((28, 28), 20 * i, np.uint8) for i in range(6)]
+    names = ["a-rather-long-class-name", "b"]
+    sheet = np.asarray(Image.open(io.BytesIO(
+        render_sheet(digits, None, columns=3, row_labels=names))).convert("L"))
+    short = np.asarray(Image.open(io.BytesIO(
+        render_sheet(digits, None, columns=3, row_labels=["a", "b"]))).convert("L"))
+    # The sheet widens for the label and keeps a blank margin at its left edge: nothing is cut.
+    assert sheet.shape[1] > short.shape[1] + 100
+    assert sheet[:, :3].min() > 200
+    ink = np.where(sheet.min(axis=0) < 128)[0]
+    assert ink[0] < sheet.shape[1] - short.shape[1]  # the label's text starts in the margin
 
 
 def test_report_without_any_stage_output_says_so(spark, tmp_path):

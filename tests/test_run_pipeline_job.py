@@ -15,6 +15,7 @@ import pytest
 from conftest import write_mnist_dir
 
 from pipelines.config import load_config
+from pipelines.run.state import run_status
 from pipelines.stages.ingest import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +108,60 @@ def test_pipeline_on_a_two_executor_cluster_then_rerun_skips_everything(
     assert json.loads((out / "_manifests" / "ingest.json").read_text()) == ingest
 
 
+def _tree(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in out.rglob("*")}
+
+
+def _wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            tail = proc.stderr.read()[-3000:] if proc.stderr else ""
+            raise AssertionError(f"the run ended before {what}: {tail}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_second_run_on_one_output_root_exits_3_and_writes_nothing_or_waits_if_asked(
+    tmp_path, tiny_mnist_dir
+):
+    out = tmp_path / "out"
+    args = _args(out, tiny_mnist_dir, "--only", "ingest")
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=_env(), cwd=ROOT)
+    try:
+        # Once the first run holds the lock and has written its summary, freeze it there.
+        _wait_for(lambda: (out / "run.json").exists(), first, "the first run started")
+        os.kill(first.pid, signal.SIGSTOP)
+        holder = json.loads((out / "_run.lock").read_text())
+        assert holder["pid"] == first.pid and holder["host"]
+        before = _tree(out)
+
+        second = _run(args)
+        assert second.returncode == 3, second.stderr[-3000:]
+        assert f"locked by run {holder['run_id']} (pid {first.pid}" in second.stderr
+        assert "stage 1/1" not in second.stderr
+        assert _tree(out) == before  # not one file written, touched or removed
+
+        # Asked to wait, a run starts once the first one is done.
+        log = tmp_path / "waiting.log"
+        with log.open("w") as sink:
+            waiting = subprocess.Popen(args + ["--set", "pipeline.lock_wait_s=300"],
+                                       stdout=subprocess.DEVNULL, stderr=sink, env=_env(),
+                                       cwd=ROOT)
+        _wait_for(lambda: "waiting up to 300 s" in log.read_text(), waiting,
+                  "the second run waited")
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert waiting.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert "stage 1/1 ingest: skipped (up to date" in log.read_text()
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "succeeded" and run["run_id"] != holder["run_id"]
+    assert not (out / "_run.lock").exists()
+
+
 @pytest.fixture
 def medium_mnist_dir(tmp_path) -> Path:
     """IDX files with 5,000 train and 1,000 test random images: a write that takes a while."""
@@ -138,11 +193,23 @@ def test_run_killed_in_the_middle_of_a_stage_then_rerun_gives_the_uninterrupted_
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "_manifests" / "ingest.json").exists()
     assert _leftovers(out), "the kill should have left a half-written folder"
+    # The killed run's summary still says "running", with what a scheduler needs to see that
+    # it is not: its pid and host (and a heartbeat that stopped).
+    killed = json.loads((out / "run.json").read_text())
+    assert killed["status"] == "running" and killed["pid"] == proc.pid
+    assert killed["heartbeat_at"] and killed["started_at"]
+    assert run_status(killed) == "stale"
 
     rerun = _run(args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"taking over the lock of run {killed['run_id']}" in rerun.stderr
     assert "stage 1/1 ingest: running (no manifest)" in rerun.stderr
     assert _leftovers(out) == []
+    after = json.loads((out / "run.json").read_text())
+    assert after["status"] == "succeeded"
+    assert after["previous_run"]["run_id"] == killed["run_id"]
+    assert after["previous_run"]["status"] == "stale"
+    assert not (out / "_run.lock").exists()
 
     reference = load_config(ROOT / "conf" / "test.yaml", [
         f"output_root={tmp_path / 'reference'}", "mnist.sources=[local]",

@@ -8,6 +8,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+#: Caption and row-label sizes in points: at 100 dpi a 9 pt caption is ~12 px high, readable
+#: when a browser scales a 10-column sheet to the page width.
+_CAPTION_PT = 9
+_LABEL_PT = 10
+
 
 def render_sheet(
     images: Sequence[np.ndarray],
@@ -43,8 +48,11 @@ def render_sheet(
     n = max(len(images), 1)
     rows = math.ceil(n / columns)
     caption_lines = max((c.count("\n") + 1 for c in captions or [""]), default=1)
-    fig_w = columns * cell_inches + (0.6 if row_labels else 0)
-    fig_h = rows * (cell_inches + 0.18 * caption_lines) + (0.5 if title else 0.1)
+    # Room at the left for the longest row label (~0.6 em per character at 10 pt); the saved
+    # figure is also cropped to what was drawn, so no label is ever cut.
+    label_inches = 0.6 * _LABEL_PT / 72 * max((len(s) for s in row_labels or []), default=0)
+    fig_w = columns * cell_inches + (label_inches + 0.3 if row_labels else 0)
+    fig_h = rows * (cell_inches + 0.22 * caption_lines) + (0.5 if title else 0.1)
     fig, axes = plt.subplots(rows, columns, figsize=(fig_w, fig_h), squeeze=False)
     try:
         for idx, ax in enumerate(axes.flat):
@@ -62,15 +70,16 @@ def render_sheet(
             else:
                 ax.imshow(img, interpolation="nearest")
             if captions is not None:
-                ax.set_xlabel(captions[idx], fontsize=7, labelpad=2)
+                ax.set_xlabel(captions[idx], fontsize=_CAPTION_PT, labelpad=2)
         if row_labels:
             for r, label in enumerate(row_labels[:rows]):
-                axes[r][0].set_ylabel(label, fontsize=10, rotation=0, labelpad=18, va="center")
+                axes[r][0].set_ylabel(label, fontsize=_LABEL_PT, rotation=0, ha="right",
+                                      va="center", labelpad=6)
         if title:
             fig.suptitle(title, fontsize=11)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
         return buf.getvalue()
     finally:
         plt.close(fig)

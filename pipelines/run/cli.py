@@ -70,7 +70,11 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
         return EXIT_USAGE
     from pipelines.run.session import build_session  # imports pyspark's JVM glue only when needed
 
-    spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
+    try:
+        spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
+    except ConfigError as exc:
+        logger.error("%s: %s", name, exc)
+        return EXIT_USAGE
     try:
         summary = stage(spark, config)
     except RunLocked as exc:

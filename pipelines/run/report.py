@@ -54,9 +54,14 @@ table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .2em .6em
   border: 1px solid #ddd; text-align: left; vertical-align: top; }
 th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .bar { background: #4a7fb5; height: .8em; display: inline-block; }
-.note { color: #666; } .missing { color: #a33; } figure { display: inline-block; margin: .5em; }
-figure img { max-width: 100%; border: 1px solid #ddd; } figcaption { color: #555; }
+.note { color: #666; } .missing { color: #a33; }
+.figures { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; margin: 1em 0; }
+figure { margin: 0; padding: .5em; border: 1px solid #e4e4e4; background: #fafafa; }
+figure img { display: block; max-width: 100%; } .figures figure { max-width: 100%; }
+figcaption { color: #555; font-size: .9em; font-style: italic; padding-top: .4em; }
 .ok { color: #2a7a2a; } .failed { color: #a33; font-weight: bold; }
+table.grid td.diag { background: #e3eefa; font-weight: bold; }
+table.grid th.corner { background: #fff; font-weight: normal; color: #666; font-size: .85em; }
 </style>
 </head>
 <body>
@@ -148,10 +153,13 @@ def _timings(run: dict[str, Any], manifests: dict[str, dict[str, Any]]) -> str:
     for name in names:
         rec, man = records.get(name, {}), manifests.get(name, {})
         action = rec.get("action", "not selected in this run")
+        if action == "running" and name == "report":
+            action = "ran (this page)"
         seconds = man.get("seconds")
         bar = (f'<span class="bar" style="width:{max(1, int(200 * seconds / longest))}px">'
                "</span> " if seconds else "")
-        css = "failed" if action == "failed" else ("ok" if action in ("ran", "skipped") else "")
+        css = "failed" if action == "failed" else (
+            "ok" if action in ("ran", "skipped", "ran (this page)") else "")
         rows.append(
             f"<tr><td>{_e(name)}</td><td class=\"{css}\">{_e(action)}</td>"
             f"<td>{_e(rec.get('reason', ''))}</td>"
@@ -249,6 +257,7 @@ def _section(
     for name, value in artifacts_of(manifest).items():
         if name == METRICS:
             continue
+        figures = []
         for path in value if isinstance(value, list) else [value]:
             if not storage.exists(path):
                 parts.append(f"<p class=\"missing\">The {_e(name.replace('_', ' '))} file "
@@ -256,10 +265,34 @@ def _section(
                 continue
             file_name = f"{stage}-{path.rsplit('/', 1)[-1]}"
             images[file_name] = storage.read_bytes(path)
-            caption = path.rsplit("/", 1)[-1].removesuffix(".png").replace("_", " ")
-            parts.append(f"<figure><img src=\"img/{_e(file_name)}\" alt=\"{_e(caption)}\">"
-                         f"<figcaption>{_e(caption)}</figcaption></figure>")
+            caption = figure_caption(stage, name, path)
+            figures.append(f"<figure><img src=\"img/{_e(file_name)}\" alt=\"{_e(caption)}\">"
+                           f"<figcaption>{_e(caption)}</figcaption></figure>")
+        if figures:
+            parts.append("<div class=\"figures\">" + "".join(figures) + "</div>")
     return "\n".join(parts)
+
+
+#: What each image shows, in words (the caption under it): (stage, artifact name) -> caption.
+_CAPTIONS = {
+    ("augment", "samples"): "Each row: an original training image, then its augmented variants.",
+    ("transfer", "confusion_matrix"): "Transfer learning: confusion matrix on the test images "
+                                      "(rows: true label, columns: prediction).",
+    ("train_cnn", "confusion_matrix"): "CNN: confusion matrix on the test split (rows: true "
+                                       "label, columns: prediction).",
+    ("train_cnn", "training_curves"): "CNN: loss and top-1 accuracy per epoch, training and "
+                                      "validation.",
+}
+
+
+def figure_caption(stage: str, artifact: str, path: str) -> str:
+    """The caption of one image of the page."""
+    name = path.rsplit("/", 1)[-1].removesuffix(".png")
+    if artifact == "contact_sheets":
+        if name == "per_class":
+            return "Contact sheet: one row of samples per class (all splits)."
+        return f"Contact sheet: a seeded sample of the {name.replace('_', ' ')} split."
+    return _CAPTIONS.get((stage, artifact), f"{stage}: {name.replace('_', ' ')}")
 
 
 def _weights(weights: dict[str, Any]) -> str:
@@ -281,25 +314,88 @@ def _versions(manifests: dict[str, dict[str, Any]]) -> str:
 
 
 def render_value(value: Any) -> str:
-    """Any JSON value as HTML: objects as tables, matrices as grids, lists inline."""
+    """Any JSON value as HTML: objects as tables, a list of like objects as one table with a
+    row each, confusion matrices as labelled grids, other matrices as grids, lists inline."""
     if isinstance(value, dict):
         if not value:
             return "<span class=\"note\">(empty)</span>"
-        rows = "".join(f"<tr><th>{_e(k)}</th><td>{render_value(v)}</td></tr>"
-                       for k, v in value.items())
-        return f"<table>{rows}</table>"
+        value = _annotate_epochs(value)
+        rows = []
+        for k, v in value.items():
+            if k == "confusion_matrix" and _is_matrix(v):
+                cell = confusion_table(v, _class_labels(value.get("per_class"), len(v)))
+            else:
+                cell = render_value(v)
+            rows.append(f"<tr><th>{_e(k)}</th><td>{cell}</td></tr>")
+        return f"<table>{''.join(rows)}</table>"
     if isinstance(value, list):
-        if value and all(isinstance(r, list) for r in value) and all(
-            isinstance(x, int | float) for r in value for x in r
-        ):
+        if _is_matrix(value):
             rows = "".join("<tr>" + "".join(f"<td class=\"num\">{_fmt(x)}</td>" for x in r)
                            + "</tr>" for r in value)
             return f"<table>{rows}</table>"
+        if len(value) > 1 and all(isinstance(x, dict) for x in value) and all(
+            not isinstance(v, dict | list) for x in value for v in x.values()
+        ):
+            return _records_table(value)
         if all(not isinstance(x, dict | list) for x in value):
             shown = ", ".join(_e(_fmt(x)) for x in value[:50])
             return shown + (f" ... ({len(value)} values)" if len(value) > 50 else "")
         return "".join(render_value(x) for x in value)
     return _e(_fmt(value))
+
+
+def confusion_table(matrix: list[list[Any]], labels: list[str]) -> str:
+    """A confusion matrix with its row (true label) and column (prediction) labels."""
+    head = ("<tr><th class=\"corner\">true \u2193 / predicted \u2192</th>"
+            + "".join(f"<th>{_e(label)}</th>" for label in labels) + "</tr>")
+    body = "".join(
+        f"<tr><th>{_e(labels[i])}</th>" + "".join(
+            f"<td class=\"num{' diag' if i == j else ''}\">{_fmt(x)}</td>"
+            for j, x in enumerate(row)) + "</tr>"
+        for i, row in enumerate(matrix)
+    )
+    return f"<table class=\"grid\">{head}{body}</table>"
+
+
+def _records_table(records: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>"
+    body = "".join(
+        "<tr>" + "".join(
+            f"<td class=\"num\">{_e(_fmt(r.get(c)))}</td>" if isinstance(r.get(c), int | float)
+            and not isinstance(r.get(c), bool) else f"<td>{_e(_fmt(r.get(c)))}</td>"
+            for c in columns) + "</tr>"
+        for r in records
+    )
+    return f"<table>{head}{body}</table>"
+
+
+def _is_matrix(value: Any) -> bool:
+    return (isinstance(value, list) and bool(value) and all(isinstance(r, list) for r in value)
+            and all(isinstance(x, int | float) for r in value for x in r))
+
+
+def _class_labels(per_class: Any, n: int) -> list[str]:
+    """Class names from a ``per_class`` list (``name`` or ``label``), else 0..n-1."""
+    if isinstance(per_class, list) and len(per_class) == n and all(
+        isinstance(r, dict) for r in per_class
+    ):
+        return [str(r.get("name", r.get("label", i))) for i, r in enumerate(per_class)]
+    return [str(i) for i in range(n)]
+
+
+def _annotate_epochs(value: dict[str, Any]) -> dict[str, Any]:
+    """Beside the epochs a run trained, an architecture spec's own ``epochs`` is its default:
+    say so, rather than show ``epochs 10`` next to ``epochs 3``."""
+    spec = value.get("architecture_spec")
+    if not (isinstance(spec, dict) and "epochs" in spec and "epochs" in value):
+        return value
+    renamed = {(f"epochs (the architecture's default; this run: {value['epochs']})"
+                if k == "epochs" else k): v for k, v in spec.items()}
+    out = dict(value)
+    out["architecture_spec"] = renamed
+    out = {("epochs (this run)" if k == "epochs" else k): v for k, v in out.items()}
+    return out
 
 
 def _details(summary: str, body: str) -> str:

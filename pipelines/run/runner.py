@@ -406,4 +406,7 @@ def _check_config_keys(config: Config, spec: StageSpec) -> None:
 def _finish(summary: RunSummary, config: Config, status: str, started: float) -> None:
     summary.update(status=status, finished_at=utc_now(),
                    seconds=round(time.perf_counter() - started, 3))
-    stamp_run_status(summary.storage, config, summary.run)
+    try:
+        stamp_run_status(summary.storage, config, summary.run)
+    except Exception as exc:  # the run's own outcome matters more than the page's status line
+        logger.warning("could not write the run's status into the report page: %s", exc)

@@ -2,7 +2,13 @@
 
 What ``spark-submit`` (or ``spark-defaults.conf``) already set wins over the config file: the
 master, the app name and every conf entry given there are left alone, so one config file serves a
-laptop and a cluster.
+laptop and a cluster. One exception: without ``--name``, spark-submit names the application after
+its script (``run_pipeline.py``); that default gives way to the configured name.
+
+Spark's own log lines before the session exists follow log4j2's configuration: pass
+``conf/log4j2.properties`` (WARN) with ``--driver-java-options`` (docs/cluster.md). The configured
+``spark.log_level`` is also set as ``spark.log.level``, which the SparkContext applies as it
+starts, and again once it runs.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import sys
 from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
-from pipelines.config import SparkConfig
+from pipelines.config import ConfigError, SparkConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,12 +36,23 @@ def build_session(config: SparkConfig, app_name: str | None = None) -> SparkSess
     builder = SparkSession.builder
     if not submitted.contains("spark.master"):
         builder = builder.master(config.master)
-    if not submitted.contains("spark.app.name"):
+    if not submitted.contains("spark.app.name") or _default_submit_name(submitted):
         builder = builder.appName(app_name or config.app_name)
+    if not submitted.contains("spark.log.level"):
+        builder = builder.config("spark.log.level", config.log_level)
     for key, value in config.conf.items():
         if not submitted.contains(key):
             builder = builder.config(key, value)
     master = submitted.get("spark.master", config.master)
+    python = os.environ.get("PYSPARK_PYTHON") or submitted.get("spark.pyspark.python", "")
+    if _is_local(master) and python.startswith("./"):
+        # Otherwise the run fails at the first Python stage, after unpacking the archive.
+        raise ConfigError(
+            f"master {master!r} runs the Python workers on this machine, where {python!r} (a "
+            "folder that --archives unpacks on a cluster's executors) does not exist: give "
+            "spark-submit --master of a cluster (docs/cluster.md), or unset PYSPARK_PYTHON to "
+            f"run locally. Received: master={master!r}, PYSPARK_PYTHON={python!r}"
+        )
     if _is_local(master) and not _python_set(submitted):
         # Python workers on this machine use the driver's interpreter (and so its packages).
         # PySpark reads PYSPARK_PYTHON when the context starts; the conf key alone is only
@@ -62,6 +79,12 @@ def submitted_conf() -> SparkConf:
         SparkContext._ensure_initialized()
         return SparkConf()
     return SparkConf(loadDefaults=False)
+
+
+def _default_submit_name(conf: SparkConf) -> bool:
+    """True when the app name is the one spark-submit gives without ``--name``: the script's."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    return bool(script) and conf.get("spark.app.name") == script
 
 
 def _is_local(master: str) -> bool:

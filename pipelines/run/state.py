@@ -112,6 +112,7 @@ class RunLock:
         """
         deadline = time.monotonic() + self.wait_s
         data = json.dumps(self.holder, indent=2).encode()
+        said = False
         while True:
             if self.storage.create_new(self.path, data):
                 return self
@@ -130,6 +131,11 @@ class RunLock:
                     f"pipeline.lock_wait_s to wait, or remove the lock file if that run is "
                     f"certainly gone"
                 )
+            if not said:
+                logger.info("output root locked by run %s (pid %s on %s); waiting up to %.0f s",
+                            (current or {}).get("run_id", "?"), (current or {}).get("pid", "?"),
+                            (current or {}).get("host", "?"), self.wait_s)
+                said = True
             time.sleep(max(0.05, min(self.poll_s, deadline - time.monotonic())))
 
     def _take_over(self, stale: dict[str, Any], reason: str, data: bytes) -> bool:
