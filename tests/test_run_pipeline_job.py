@@ -58,7 +58,15 @@ def test_bad_config_or_stage_name_exits_2_before_spark_starts(tmp_path, tiny_mni
     unknown = _run(_args(tmp_path / "out", tiny_mnist_dir, "--only", "ingest,nope"))
     assert unknown.returncode == 2, unknown.stderr
     assert "unknown stage" in unknown.stderr and "'nope'" in unknown.stderr
-    assert "SparkSession ready" not in bad.stderr + unknown.stderr
+    # An archive's interpreter on a local master cannot work: refused before Spark starts.
+    env = {**_env(), "PYSPARK_PYTHON": "./environment/bin/python"}
+    archive_locally = subprocess.run(
+        _args(tmp_path / "out", tiny_mnist_dir, "--set", "spark.master=local[1]"),
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert archive_locally.returncode == 2, archive_locally.stderr[-3000:]
+    assert "Received: master='local[1]', PYSPARK_PYTHON='./environment/bin/python'" \
+        in archive_locally.stderr
+    assert "SparkSession ready" not in bad.stderr + unknown.stderr + archive_locally.stderr
     assert not (tmp_path / "out").exists()
 
 
