@@ -148,7 +148,7 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     assert ingest["summary"]["rows_per_split"] == {"train": 30, "validation": 10, "test": 20}
     assert len(list((out / "png").rglob("*.png"))) == 60
     metrics = json.loads((out / "transfer" / "metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert 0.0 <= metrics["top1"] <= 1.0
     assert "Run status: <b class=\"ok\">succeeded</b>" in (out / "report" / "index.html").read_text()
     unpacked = list(standalone_cluster["work"].glob("app-*/*/environment"))
     assert unpacked, sorted(p.name for p in standalone_cluster["work"].rglob("*"))[:20]

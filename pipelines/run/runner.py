@@ -407,6 +407,14 @@ def _finish(summary: RunSummary, config: Config, status: str, started: float) ->
     summary.update(status=status, finished_at=utc_now(),
                    seconds=round(time.perf_counter() - started, 3))
     try:
-        stamp_run_status(summary.storage, config, summary.run)
+        if stamp_run_status(summary.storage, config, summary.run):
+            # The status line is the latest run's, not content of the report stage: record the
+            # stamped page as the report's output, or the next run would redo the report.
+            store = ManifestStore(summary.storage, config.pipeline.manifests)
+            manifest = store.read("report")
+            if manifest is not None:
+                outputs = {key: fingerprint(summary.storage, fp["path"])
+                           for key, fp in manifest.get("outputs", {}).items()}
+                store.write({**manifest, "outputs": outputs})
     except Exception as exc:  # the run's own outcome matters more than the page's status line
         logger.warning("could not write the run's status into the report page: %s", exc)
