@@ -94,3 +94,20 @@ def test_run_status_reads_a_killed_run_as_stale():
     assert run_status({**elsewhere, "heartbeat_at": time.strftime(
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) == "running"
     assert run_status({"status": "succeeded"}) == "succeeded"
+
+
+def test_heartbeat_beats_until_stopped_and_survives_a_failing_beat():
+    from pipelines.run.state import Heartbeat
+
+    beats = []
+
+    def beat():
+        beats.append(time.monotonic())
+        if len(beats) == 2:
+            raise OSError("storage hiccup")  # logged; the next beat still comes
+
+    with Heartbeat(beat, 0.05):
+        time.sleep(0.5)
+    seen = len(beats)
+    time.sleep(0.2)
+    assert seen >= 4 and len(beats) == seen
