@@ -85,6 +85,12 @@ def _ingest_folder(spark: SparkSession, cfg: IngestConfig, started: float) -> di
                            shown, " ..." if len(bad) > 5 else "")
         if found.ignored:
             logger.info("ingest: %d hidden or bookkeeping files ignored", len(found.ignored))
+        if not ingested:
+            shown = ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+            raise ValueError(
+                f"no decodable images under ingest.folder: all {total} files are bad; nothing "
+                f"was published. Received: ingest.folder={cfg.folder!r}; first bad files: {shown}"
+            )
         if fraction > cfg.max_bad_fraction:
             shown = ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
             raise ValueError(
