@@ -51,10 +51,10 @@ def main() -> None:
             source = open_split([args.images], "train", tuple(spec.input_shape))
             images, labels = source.load(4096)
             data = (images[:args.rows].astype(np.float32) / 255,
-                    keras.utils.to_categorical(labels[:args.rows], cfg.num_classes))
+                    keras.utils.to_categorical(labels[:args.rows], cfg.num_classes or 10))
         batch = args.batch or spec.batch_size
         keras.utils.set_random_seed(0)
-        model = build_architecture(spec, cfg.num_classes, name=name)
+        model = build_architecture(spec, cfg.num_classes or 10, name=name)
         compile_model(model, spec, -(-args.rows // batch), args.rounds)
         model.fit(data[0][:batch * 2], data[1][:batch * 2], batch_size=batch, verbose=0)
         models[name] = (model, batch, spec.shift_pixels)

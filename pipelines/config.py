@@ -12,6 +12,7 @@ moves every output (for example to ``hdfs://nn/user/me/mnist``).
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -93,18 +94,44 @@ class IngestConfig(Section):
     """The ingest job: IDX files (or a folder of labelled images) to image Parquet."""
 
     source: Literal["mnist", "folder"] = "mnist"
-    #: For ``source: folder``: a folder whose sub-folder names are the labels.
+    #: For ``source: folder``: ``<folder>/<class>/<file>``, or split folders above the class
+    #: folders (``train/``, ``val/`` or ``validation/``, ``test/``, ``split=<s>/``), whose
+    #: splits are kept as they are (see :mod:`pipelines.io.image_folder`).
     folder: str | None = None
-    #: For ``source: folder``: the split every image of the folder gets.
+    #: For ``source: folder`` without split folders: split fractions (summing to 1), drawn per
+    #: class from a seeded order; ``null`` puts every image in ``folder_split``.
+    splits: dict[str, float] | None = None
+    #: For ``source: folder``: the split every image gets when ``splits`` is null.
     folder_split: Literal["train", "validation", "test"] = "train"
+    #: For ``source: folder``: seeds the split draw (the same files go to the same splits).
+    seed: int = 0
     #: For ``source: folder``: the label names in index order; default sorted sub-folders.
     class_names: list[str] | None = None
+    #: For ``source: folder``: resize every image to ``[height, width]`` at ingest (null keeps
+    #: each image's own size), with ``resize_method``.
+    resize: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] | None = None
+    resize_method: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = "bilinear"
+    #: For ``source: folder``: the stage fails (publishing nothing) when more than this share of
+    #: the files is bad (empty, undecodable, outside the layout). Every file not ingested is
+    #: listed with its reason in ``<output>/_ingest_report.json`` either way.
+    max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     #: Taken from the start of the 60,000 training images, as TensorFlow's MNIST helper did.
     validation_size: int = Field(default=5000, ge=0, le=59999)
     output: str = "{output_root}/images"
     #: ``overwrite`` replaces the output; ``error`` refuses to touch existing output.
     mode: Literal["overwrite", "error"] = "overwrite"
     partitions: int = Field(default=8, ge=1)
+
+    @field_validator("splits")
+    @classmethod
+    def _fractions(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if not value or any(f < 0 for f in value.values()) or abs(sum(value.values()) - 1) > 1e-6:
+            raise ValueError("split fractions must be >= 0 and sum to 1")
+        if any(not re.fullmatch(r"[A-Za-z0-9_.-]+", name) for name in value):
+            raise ValueError("split names must be letters, digits, '_', '.' or '-'")
+        return value
 
 
 class VisualizeConfig(Section):
@@ -249,7 +276,16 @@ class CnnConfig(Section):
     #: Override the architecture's epochs / batch size.
     epochs: int | None = Field(default=None, ge=1)
     batch_size: int | None = Field(default=None, ge=1)
-    num_classes: int = Field(default=10, ge=2)
+    #: Model outputs; ``null`` = from the data (the labels' maximum + 1, or the class names
+    #: recorded with folder data when there are more). Labels must be in [0, num_classes).
+    num_classes: int | None = Field(default=None, ge=2)
+    #: The model's input ``[height, width, channels]`` (channels 1 or 3), replacing the
+    #: architecture's ``input_shape``; null keeps the architecture's.
+    input_shape: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)],
+                       Literal[1, 3]] | None = None
+    #: Resampling for images whose size differs from the model input (they are resized on the
+    #: driver as they are read; images of the input size are used as they are).
+    resize_method: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = "bilinear"
     train_split: str = "train"
     validation_split: str = "validation"
     test_split: str = "test"

@@ -209,3 +209,22 @@ def test_worker_killed_once_mid_task_still_yields_the_exact_output(spark, tmp_pa
     assert parquet_rows(spark, tmp_path / "killed" / "parquet") == parquet_rows(
         spark, tmp_path / "clean" / "parquet")
     assert not list((tmp_path / "killed").rglob(".*.tmp-*"))
+
+
+def test_a_flat_folder_of_any_format_is_augmented_without_labels(spark, tmp_path):
+    """Augmentor's own case: Pipeline(folder) on a folder of images with no class folders."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(flat / "a.jpg")
+    Image.fromarray(rgb).convert("P").save(flat / "b.gif")
+    Image.fromarray(rgb[:, :, 0]).save(flat / "c.bmp")
+    summary = run_augment(spark, config(tmp_path, flat, "aug", "augment.samples_per_image=2"))
+    assert summary["sources"] == 3 and summary["bad_files"] == 0
+    assert sorted(png_files(tmp_path / "aug" / "png")) == [
+        f"{n}-{k}.png" for n in "abc" for k in range(2)]
+    rows = spark.read.parquet(str(tmp_path / "aug" / "parquet")).collect()
+    assert {(r.split, r.label) for r in rows} == {("train", None)}
+    assert "label_name" not in spark.read.parquet(str(tmp_path / "aug" / "parquet")).columns
+    assert {r.image.nChannels for r in rows} == {1, 3}

@@ -212,13 +212,35 @@ def test_unknown_layer_in_an_architecture_is_named(tmp_path):
         build_architecture(resolve_architecture(cfg.architecture, cfg.architectures), 10)
 
 
-def test_images_that_do_not_fit_the_architecture_input_are_rejected(image_parquet, tmp_path):
-    wide = {**TINY, "input_shape": [32, 32, 1]}
-    cfg = load_config(TEST_CONF, [
-        f"output_root={tmp_path}", f"cnn.inputs=[{image_parquet}]", "cnn.architecture=wide",
-        f"cnn.architectures={{wide: {json.dumps(wide)}}}"]).cnn
-    with pytest.raises(ValueError, match=r"32x32.*Received sizes \(H, W, C\) \[\(28, 28, 1\)\]"):
-        train(cfg)
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_images_of_another_size_and_channels_are_fitted_to_the_model_input(
+    image_parquet, digits, in_memory
+):
+    from PIL import Image
+
+    source = open_split([image_parquet], "validation", (32, 30, 3), "bicubic")
+    dataset = make_dataset(source, batch_size=16, num_classes=10, read_rows=7,
+                           in_memory=in_memory)
+    images = np.concatenate([x.numpy() for x, _ in dataset])
+    assert images.shape == (40, 32, 30, 3)
+    for i in (0, 17, 39):
+        resized = np.asarray(Image.fromarray(digits.train_images[i]).resize(
+            (30, 32), Image.Resampling.BICUBIC))
+        for channel in range(3):  # gray replicated to RGB after resizing
+            np.testing.assert_array_equal(images[i, ..., channel], resized / np.float32(255))
+    with pytest.raises(ValueError, match="resize method must be one of.*Received: 'cubic'"):
+        open_split([image_parquet], "validation", (32, 30, 3), "cubic")
+
+
+def test_input_shape_and_classes_come_from_config_and_data(spark, image_parquet, tmp_path):
+    summary = run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.input_shape=[20, 24, 3]",
+                                           "cnn.tensorboard=false"))
+    assert summary["input_shape"] == [20, 24, 3] and summary["num_classes"] == 10
+    assert summary["class_names"] == [str(i) for i in range(10)]
+    import keras
+
+    model = keras.saving.load_model(tmp_path / "cnn" / "model.keras", safe_mode=True)
+    assert model.input_shape == (None, 20, 24, 3) and model.output_shape == (None, 10)
 
 
 def test_labels_beyond_num_classes_and_missing_inputs_are_rejected(image_parquet, tmp_path):

@@ -20,6 +20,7 @@ def test_defaults_expand_output_root_into_every_path():
     ("local.yaml", "transfer.input_size", 75),
     ("test.yaml", "output_root", "out-test"),
     ("cluster.yaml", "ingest.output", "hdfs:///user/spark/spark-image-pipelines/images"),
+    ("folder.yaml", "ingest.splits", {"train": 0.8, "validation": 0.1, "test": 0.1}),
 ])
 def test_every_shipped_config_file_loads_its_own_values(name, key, expected):
     value = load_config(ROOT / "conf" / name)

@@ -154,13 +154,29 @@ def _decode_with_pil(data: bytes, origin: str):
     if not data:
         raise ValueError(f"image bytes are empty (origin={origin!r})")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # the first frame of a GIF or TIFF
         img.load()
-        if img.mode not in ("L", "RGB", "RGBA"):
-            img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        return _to_8bit(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image (origin={origin!r}): {exc}") from None
-    return img
+
+
+def _to_8bit(img):
+    """A PIL image of any mode -> mode L, RGB or RGBA, 8 bits per channel."""
+    from PIL import Image
+
+    if img.mode in ("L", "RGB", "RGBA"):
+        return img
+    if img.mode.startswith("I"):
+        # 16-bit gray (I;16*, or I from a 16-bit PNG): keep the high byte. PIL's convert("L")
+        # clips at 255 instead, turning most of a 16-bit image white.
+        wide = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(wide, 0, 65535) >> 8).astype(np.uint8))
+    if img.mode in ("1", "F"):
+        return img.convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        return img.convert("RGBA")
+    return img.convert("RGBA" if "A" in img.getbands() else "RGB")
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,8 @@ image struct, :data:`pipelines.imaging.image_struct.IMAGE_STRUCT`); stages may a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.types import IntegerType, StringType, StructField, StructType
 
@@ -45,12 +47,15 @@ def read_images(spark: SparkSession, path: str) -> DataFrame:
 
 
 def write_image_parquet(
-    spark: SparkSession, df: DataFrame, output: str, partitions: int
+    spark: SparkSession, df: DataFrame, output: str, partitions: int,
+    extra_files: Mapping[str, str] | None = None,
 ) -> dict[str, int]:
     """Write an image DataFrame as Parquet partitioned by split, replacing the output atomically.
 
     Rows are range-partitioned by (split, id) so reruns produce the same files with the same
-    rows in the same order. Returns the row count per split, read back from what was written.
+    rows in the same order. ``extra_files`` (name -> text; names starting with ``_``, which
+    Parquet readers skip) are published in the output folder with the data. Returns the row
+    count per split, read back from what was written.
     """
     storage = Storage(spark)
     ordered = df.repartitionByRange(partitions, "split", "id").sortWithinPartitions(
@@ -59,8 +64,11 @@ def write_image_parquet(
     with storage.staged_dir(output) as tmp:
         ordered.write.mode("error").partitionBy("split").parquet(tmp)
         written = spark.read.parquet(tmp).groupBy("split").count().collect()
-    return {r["split"]: r["count"] for r in sorted(written, key=lambda r: _split_order(r["split"]))}
+        for name, text in (extra_files or {}).items():
+            storage.write_text(f"{tmp}/{name}", text)
+    return {r["split"]: r["count"] for r in sorted(written, key=lambda r: split_order(r["split"]))}
 
 
-def _split_order(split: str) -> tuple[int, str]:
+def split_order(split: str) -> tuple[int, str]:
+    """Sort key of split names: the usual splits in their order, then the others, sorted."""
     return (SPLITS.index(split) if split in SPLITS else len(SPLITS), split)

@@ -3,7 +3,9 @@
 The driver reads the Parquet files itself with ``pyarrow.dataset`` (any filesystem pyarrow knows:
 local, ``hdfs://``, ``s3://``, ``gs://``), one split at a time, in record batches of
 ``read_batch_rows`` rows. Each batch's pixel buffer is reinterpreted as a ``uint8`` array
-(N, H, W, C) without a Python object per row. Two ways to feed epochs:
+(N, H, W, C) without a Python object per row; a batch holding images of another size than the
+model input is fitted image by image (:func:`pipelines.imaging.resize.fit_images`). Two ways
+to feed epochs:
 
 * in memory (``in_memory=True``, chosen by the job when the splits fit ``cnn.in_memory_mb``):
   the split is read once into one ``uint8`` array, held as a tensor; every epoch is a seeded
@@ -31,7 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from pipelines.imaging.image_struct import to_rgb
-from pipelines.imaging.resize import fit_channels
+from pipelines.imaging.resize import RESIZE_METHODS, fit_channels, fit_images
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -81,6 +83,8 @@ class ImageSplit:
     height: int
     width: int
     channels: int
+    #: Resampling for images whose size differs from (height, width) (see :meth:`decode`).
+    resize_method: str = "bilinear"
 
     @property
     def _filter(self) -> pc.Expression:
@@ -158,38 +162,67 @@ class ImageSplit:
         return self.count() * self.height * self.width * self.channels
 
     def decode(self, batch: pa.RecordBatch, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """A record batch of (label, data, height, width, channels) -> numpy arrays, zero-copy."""
+        """A record batch of (label, data, height, width, channels) -> numpy arrays.
+
+        A batch whose images all have the model's height and width is reinterpreted in place
+        (zero-copy, channels converted as a whole); any other batch is fitted image by image
+        (:func:`~pipelines.imaging.resize.fit_images`: channels, then ``resize_method``).
+        """
         n = batch.num_rows
         data = batch.column("data")
         labels = batch.column("label")
         if data.null_count or labels.null_count:
             raise ValueError(f"null images or labels in {where!r} (split {self.split!r})")
-        dims = [batch.column(k).to_numpy(zero_copy_only=False)
+        dims = [batch.column(k).to_numpy(zero_copy_only=False).astype(np.int64)
                 for k in ("height", "width", "channels")]
-        h, w, c = (int(d[0]) for d in dims)
-        if any((d != d[0]).any() for d in dims) or (h, w) != (self.height, self.width):
-            sizes = sorted({(int(a), int(b), int(k)) for a, b, k in zip(*dims, strict=True)})
-            raise ValueError(
-                f"images must all be {self.height}x{self.width} (the model input). "
-                f"Received sizes (H, W, C) {sizes[:5]} in {where!r}"
-            )
         offset_type = np.int64 if pa.types.is_large_binary(data.type) else np.int32
         offsets = np.frombuffer(data.buffers()[1], offset_type)[data.offset:data.offset + n + 1]
-        per_image = h * w * c
-        if not (np.diff(offsets) == per_image).all():
+        if not (np.diff(offsets) == dims[0] * dims[1] * dims[2]).all():
             raise ValueError(f"image data sizes do not match height*width*nChannels in {where!r}")
         pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        uniform = all((d == d[0]).all() for d in dims)
+        h, w, c = (int(d[0]) for d in dims)
         try:
-            images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), self.channels)
+            if uniform and (h, w) == (self.height, self.width):
+                images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), self.channels)
+            else:
+                start = offsets[0]
+                arrays = [to_rgb(pixels[a - start:b - start].reshape(int(y), int(x), int(k)))
+                          for a, b, y, x, k in zip(offsets[:-1], offsets[1:], *dims,
+                                                   strict=True)]
+                images, _ = fit_images(arrays, self.height, self.width, self.channels,
+                                       self.resize_method)
         except ValueError as exc:
             raise ValueError(f"{exc} in {where!r}") from None
         return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
-def open_split(paths: list[str], split: str, input_shape: tuple[int, int, int]) -> ImageSplit:
-    """The ``split`` rows of every input in ``paths`` for a model of ``input_shape`` (H, W, C)."""
+def open_split(paths: list[str], split: str, input_shape: tuple[int, int, int],
+               resize_method: str = "bilinear") -> ImageSplit:
+    """The ``split`` rows of every input in ``paths`` for a model of ``input_shape`` (H, W, C);
+    images of another size are resized with ``resize_method``."""
+    if resize_method not in RESIZE_METHODS:
+        raise ValueError(
+            f"resize method must be one of {RESIZE_METHODS}. Received: {resize_method!r}")
     height, width, channels = input_shape
-    return ImageSplit(tuple(open_parquet(p) for p in paths), split, height, width, channels)
+    return ImageSplit(tuple(open_parquet(p) for p in paths), split, height, width, channels,
+                      resize_method)
+
+
+def class_names(paths: list[str]) -> dict[int, str]:
+    """Label -> class name, from the ``label_name`` column of inputs that have one (folder
+    ingest writes it); reads those two columns only. Empty when no input has names."""
+    names: dict[int, str] = {}
+    for path in paths:
+        dataset = open_parquet(path)
+        if "label_name" not in dataset.schema.names:
+            continue
+        table = dataset.to_table(columns=["label", "label_name"])
+        pairs = table.group_by(["label", "label_name"]).aggregate([]).to_pylist()
+        for pair in pairs:
+            if pair["label"] is not None and pair["label_name"] is not None:
+                names.setdefault(int(pair["label"]), pair["label_name"])
+    return dict(sorted(names.items()))
 
 
 def model_batches(

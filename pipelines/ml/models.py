@@ -124,15 +124,21 @@ def layer_config(layer: dict[str, Any]) -> dict[str, Any]:
 def build_architecture(spec: ArchitectureSpec, num_classes: int, name: str = "cnn") -> keras.Model:
     """An uncompiled ``keras.Sequential`` for ``spec``; checks it outputs ``num_classes`` values.
 
+    The last ``Dense`` layer of the spec is the output layer: its ``units`` are set to
+    ``num_classes``, so one architecture serves any number of classes.
+
     Raises:
         ValueError: a layer is unknown to Keras or has bad arguments, or the output shape is
             not ``(None, num_classes)``; the message names the layer and what was received.
     """
     import keras
 
+    configs = [layer_config(raw) for raw in spec.layers]
+    dense = [i for i, c in enumerate(configs) if c["class_name"] == "Dense"]
+    if dense:
+        configs[dense[-1]]["config"]["units"] = num_classes
     layers = [keras.Input(shape=tuple(spec.input_shape), name="image")]
-    for i, raw in enumerate(spec.layers):
-        config = layer_config(raw)
+    for i, (raw, config) in enumerate(zip(spec.layers, configs, strict=True)):
         try:
             layers.append(keras.layers.deserialize(config))
         except Exception as exc:  # unknown class, unknown or bad argument

@@ -1,15 +1,23 @@
-"""Augment: PNG partitions (or image Parquet) -> augmented PNG partitions and image Parquet.
+"""Augment: a folder of images (or image Parquet) -> augmented PNG files and image Parquet.
+
+The input folder may be this project's export layout (``split=<s>/label=<l>/<id>.png``), class
+folders with or without split folders above them (``<class>/<file>``, ``train/<class>/<file>``),
+or a flat folder of images without labels, as Augmentor's ``Pipeline(folder)`` takes; any image
+format Pillow reads (see :mod:`pipelines.io.image_folder`).
 
 Output under ``augment.output`` (staged, then published atomically; a rerun replaces it whole):
 
-- ``png/split=<s>/label=<l>/<source_id>-<k>.png``: written by the executors, each file through a
-  temporary sibling renamed into place (``<source_id>-original.png`` with ``keep_originals``);
-- ``parquet/split=<s>/``: image Parquet (``id``, ``split``, ``label``, ``image``) plus provenance:
-  ``source_id``, ``sample`` (null for originals) and ``operations`` (JSON list of the operations
-  applied, each with its parameters, seed and drawn values);
+- ``png/<the input's folders>/<name>-<k>.png`` (``png/split=<s>/label=<l>/<source_id>-<k>.png``
+  for the export layout or Parquet input): written by the executors, each file through a
+  temporary sibling renamed into place (``<name>-original.png`` with ``keep_originals``);
+- ``parquet/split=<s>/``: image Parquet (``id``, ``split``, ``label``, ``image``; class folders
+  named otherwise than by their numbers also ``label_name``; images outside split folders get
+  split ``train``, a flat folder's a null label) plus provenance: ``source_id``, ``sample``
+  (null for originals) and ``operations`` (JSON list of the operations applied, each with its
+  parameters, seed and drawn values);
 - ``sheet.png``: originals beside their augmented variants;
 - ``report.json``: counts, and every input file skipped as bad (corrupt, empty, not an image,
-  outside the ``split=<s>/label=<int>/`` layout) with the reason.
+  outside the folder layout) with the reason.
 
 Every random choice comes from (``seed``, source id, sample index) (see
 :mod:`pipelines.imaging.augment_ops`), so outputs are identical whatever the partitioning.
@@ -19,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -45,6 +52,8 @@ from pipelines.imaging.image_struct import (
     struct_to_array,
     to_rgb,
 )
+from pipelines.io.image_folder import class_names as folder_class_names
+from pipelines.io.image_folder import classify
 from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA, read_images
 from pipelines.io.storage import Storage
 from pipelines.io.task_files import (
@@ -59,12 +68,20 @@ logger = logging.getLogger(__name__)
 
 AUGMENTED_SCHEMA = StructType(
     [
-        *IMAGE_ROW_SCHEMA.fields,
+        # The image row, with a label that is null for a flat folder (no labels).
+        *(StructField(f.name, f.dataType, True) if f.name == "label" else f
+          for f in IMAGE_ROW_SCHEMA.fields),
         StructField("source_id", StringType(), False),
         StructField("sample", IntegerType(), True),
         StructField("operations", StringType(), False),
     ]
 )
+#: The schema when the labels have names other than their numbers (plain class folders, or
+#: image Parquet from folder ingest): ``label_name`` is kept beside ``label``.
+NAMED_SCHEMA = StructType([*AUGMENTED_SCHEMA.fields,
+                           StructField("label_name", StringType(), True)])
+#: The split of images that are not in a split folder (plain class folders, a flat folder).
+DEFAULT_SPLIT = "train"
 _STATS_DIR = "_stats"
 _REPORT_BAD_LIMIT = 1000
 
@@ -74,10 +91,11 @@ def run_augment(spark: SparkSession, config: Config) -> dict[str, Any]:
     cfg = config.augment
     storage = Storage(spark)
     started = time.perf_counter()
-    sources, bad_paths = source_frame(spark, cfg)
+    sources, bad_paths, named = source_frame(spark, cfg)
     with storage.staged_dir(cfg.output) as tmp:
         root = storage.qualify(tmp)
-        stats = augment_frame(sources, cfg, root, final=storage.qualify(cfg.output))
+        stats = augment_frame(sources, cfg, root, final=storage.qualify(cfg.output),
+                              named=named)
         bad = bad_paths + stats["bad"]
         total = stats["sources"] + len(bad)
         fraction = len(bad) / total if total else 0.0
@@ -129,30 +147,40 @@ SOURCE_SCHEMA = StructType(
     [
         StructField("source_id", StringType(), False),
         StructField("split", StringType(), False),
-        StructField("label", IntegerType(), False),
+        StructField("label", IntegerType(), True),
         StructField("origin", StringType(), True),
-        StructField("path", StringType(), True),  # PNG input: the file, read by the executor
+        StructField("path", StringType(), True),  # folder input: the file, read by the executor
         StructField("image", IMAGE_STRUCT, True),  # Parquet input: the image
+        StructField("label_name", StringType(), True),
+        StructField("out_dir", StringType(), False),  # where its PNG files go, below png/
     ]
 )
-_LAYOUT = re.compile(r"(?:^|/)split=([^/]+)/label=(-?\d+)/([^/]+?)(?:\.[^./]*)?$")
 
 
-def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, list[dict]]:
+def source_frame(
+    spark: SparkSession, cfg: AugmentConfig
+) -> tuple[DataFrame, list[dict], bool]:
     """The source images as :data:`SOURCE_SCHEMA` rows, filtered and limited as configured.
 
-    PNG input is listed on the driver (one listing, through fsspec) and each file is read by the
-    executor that augments it: Spark's ``binaryFile`` source plans a task per ~32 small files
-    (2,188 tasks for MNIST) and silently drops zero-byte files, which must be counted as bad.
+    A folder input is listed on the driver (one listing, through fsspec) and each file is read
+    by the executor that augments it: Spark's ``binaryFile`` source plans a task per ~32 small
+    files (2,188 tasks for MNIST) and silently drops zero-byte files, which must be counted as
+    bad. The folder may be this project's export layout, split or plain class folders, or a
+    flat folder of images (see :mod:`pipelines.io.image_folder`); any format Pillow reads.
+    Outputs mirror the input's folders; class folders keep their names (``label_name``).
 
-    Returns the frame and the input files rejected while listing (empty, outside the layout).
+    Returns the frame, the input files rejected while listing (empty, outside the layout), and
+    whether the labels have names of their own (then the output has ``label_name``).
     """
     if cfg.input_format == "parquet":
         images = read_images(spark, cfg.input)
+        named = "label_name" in images.columns
         df = images.select(
             F.col("id").alias("source_id"), "split", F.col("label").cast("int").alias("label"),
             F.col("image.origin").alias("origin"), F.lit(None).cast("string").alias("path"),
             "image",
+            (F.col("label_name") if named else F.lit(None).cast("string")).alias("label_name"),
+            F.concat(F.lit("split="), "split", F.lit("/label="), "label").alias("out_dir"),
         )
         if cfg.splits:
             df = df.where(F.col("split").isin(list(cfg.splits)))
@@ -160,25 +188,32 @@ def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, li
             chosen = [r.source_id for r in
                       df.select("source_id").orderBy("source_id").limit(cfg.limit).collect()]
             df = df.where(F.col("source_id").isin(chosen))
-        return df, []
+        return df, [], named
     fs, root = open_fs(cfg.input)
     if not fs.isdir(root):
         raise FileNotFoundError(f"augment.input is not a folder. Received: {cfg.input!r}")
-    rows, bad = [], []
+    root = root.rstrip("/")
     uri = (lambda p: f"file://{p}") if isinstance(local_files(fs), LocalFiles) else (
         fs.unstrip_protocol)
-    for path, size in sorted(find_files(fs, root).items()):
-        relative = path[len(root.rstrip("/")) + 1:]
-        if any(part.startswith((".", "_")) for part in relative.split("/")):
+    listed = {path[len(root) + 1:]: (path, size) for path, size in find_files(fs, root).items()}
+    layout, entries = classify(sorted(listed))
+    names = folder_class_names(entries)
+    index = {name: i for i, name in enumerate(names)}
+    named = bool(names) and names != [str(i) for i in range(len(names))]
+    rows, bad = [], []
+    for entry in entries:
+        path, size = listed[entry.relative]
+        if entry.kind == "ignored":
             continue  # hidden or bookkeeping files (_SUCCESS, .crc), as Spark skips them
-        match = _LAYOUT.search(relative)
-        if match is None:
-            bad.append({"path": uri(path),
-                        "reason": "outside the split=<s>/label=<int>/ layout"})
+        if entry.kind == "bad":
+            bad.append({"path": uri(path), "reason": entry.reason})
         elif not size:
             bad.append({"path": uri(path), "reason": "empty file (0 bytes)"})
-        elif not cfg.splits or match[1] in cfg.splits:
-            rows.append((match[3], match[1], int(match[2]), uri(path), path, None))
+        elif not cfg.splits or (entry.split or DEFAULT_SPLIT) in cfg.splits:
+            folder, _, name = entry.relative.rpartition("/")
+            label = None if entry.label_name is None else index[entry.label_name]
+            rows.append((_source_id(entry.relative, layout), entry.split or DEFAULT_SPLIT,
+                         label, uri(path), path, None, entry.label_name, folder))
     if cfg.limit:
         rows = sorted(rows)[: cfg.limit]
     # Through Arrow: a list of 70,000 tuples takes seconds to verify and pickle row by row.
@@ -187,23 +222,38 @@ def source_frame(spark: SparkSession, cfg: AugmentConfig) -> tuple[DataFrame, li
     table = pa.Table.from_arrays(
         [pa.array(list(c), type=f.type) for c, f in zip(columns, arrow_schema, strict=True)],
         schema=arrow_schema)
-    return spark.createDataFrame(table), bad
+    return spark.createDataFrame(table), bad, named
 
 
-def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str) -> dict[str, Any]:
+def _source_id(relative: str, layout: str) -> str:
+    """A source image's id: its path without extension, below its split folder and, for this
+    project's ``label=<l>`` folders (whose file names are the ingest ids), its class folder."""
+    parts = relative.rpartition(".")[0].split("/") if "." in relative.rpartition("/")[2] else (
+        relative.split("/"))
+    if layout == "splits":
+        parts = parts[1:]
+    if len(parts) > 1 and parts[0].startswith("label="):
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str,
+                  named: bool = False) -> dict[str, Any]:
     """Run the augmentation (PNG files and/or Parquet under ``root``); returns the task stats.
 
     ``final`` is where ``root`` will be published: image origins name the published PNG files.
+    ``named``: write ``label_name`` (:data:`NAMED_SCHEMA`).
     """
     ordered = sources.repartition(cfg.partitions, "source_id").sortWithinPartitions("source_id")
+    schema = NAMED_SCHEMA if named else AUGMENTED_SCHEMA
     run = _partition_fn(
         operations=[op.model_dump() for op in cfg.operations], seed=cfg.seed,
         samples=cfg.samples_per_image, keep_originals=cfg.keep_originals,
         png_root=f"{root}/png" if "png" in cfg.formats else None, origin_root=f"{final}/png",
         rows="parquet" in cfg.formats, compress_level=cfg.png_compress_level,
-        input_uri=cfg.input, stats_root=f"{root}/{_STATS_DIR}",
+        input_uri=cfg.input, stats_root=f"{root}/{_STATS_DIR}", schema=schema,
     )
-    out = ordered.mapInArrow(run, AUGMENTED_SCHEMA)
+    out = ordered.mapInArrow(run, schema)
     if "parquet" in cfg.formats:
         out.write.mode("error").partitionBy("split").parquet(f"{root}/parquet")
     else:
@@ -212,9 +262,10 @@ def augment_frame(sources: DataFrame, cfg: AugmentConfig, root: str, final: str)
 
 
 def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin_root, rows,
-                  compress_level, input_uri, stats_root):
+                  compress_level, input_uri, stats_root, schema=AUGMENTED_SCHEMA):
     """The function run on each partition; captures plain values only."""
-    arrow_schema = to_arrow_schema(AUGMENTED_SCHEMA)
+    arrow_schema = to_arrow_schema(schema)
+    named = "label_name" in schema.fieldNames()
 
     def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         augmenter = Augmenter(operations, seed)
@@ -232,8 +283,9 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
                     stats["bad"].append({"path": row["origin"], "reason": str(exc)})
                     continue
                 stats["sources"] += 1
-                part_dir = f"split={row['split']}/label={row['label']}"
-                folder = f"{png_path}/{part_dir}"
+                part_dir = row["out_dir"]
+                folder = f"{png_path}/{part_dir}".rstrip("/")
+                base = row["source_id"].rpartition("/")[2]
                 if files is not None and folder not in made_dirs:
                     files.makedirs(folder)
                     made_dirs.add(folder)
@@ -242,21 +294,26 @@ def _partition_fn(*, operations, seed, samples, keep_originals, png_root, origin
                             for k in range(samples))
                 for k, result, applied in outputs:
                     maybe_fail("augment.write")
-                    name = f"{row['source_id']}-{'original' if k is None else k}"
+                    suffix = f"-{'original' if k is None else k}"
+                    name = f"{row['source_id']}{suffix}"
                     origin = ""
                     pixels = _as_array(result)
                     if files is not None:
-                        files.write_atomic(f"{folder}/{name}.png",
+                        files.write_atomic(f"{folder}/{base}{suffix}.png",
                                            encode_png(pixels, compress_level))
-                        origin = f"{origin_root}/{part_dir}/{name}.png"
+                        origin = "/".join(
+                            p for p in (origin_root, part_dir, f"{base}{suffix}.png") if p)
                     stats["originals" if k is None else "samples"] += 1
                     if rows:
-                        out.append({
+                        record = {
                             "id": name, "split": row["split"], "label": row["label"],
                             "image": array_to_struct(from_rgb(pixels), origin),
                             "source_id": row["source_id"], "sample": k,
                             "operations": operations_json(applied),
-                        })
+                        }
+                        if named:
+                            record["label_name"] = row["label_name"]
+                        out.append(record)
             if out:
                 yield pa.RecordBatch.from_pylist(out, schema=arrow_schema)
         part = TaskContext.get().partitionId()
@@ -326,7 +383,8 @@ def write_contact_sheet(storage: Storage, sources: DataFrame, cfg: AugmentConfig
             original = _to_pil(row, in_fs)
         except (ValueError, OSError):
             continue
-        labels.append(f"{row['split']}\n{row['label']}")
+        label = row["label_name"] if row["label_name"] is not None else row["label"]
+        labels.append(f"{row['split']}\n{'' if label is None else label}")
         images.append(_as_array(original))
         captions.append(f"{row['source_id']}\noriginal")
         for k in range(cfg.sheet_samples):

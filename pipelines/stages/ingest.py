@@ -1,11 +1,15 @@
 """Ingest: MNIST IDX files, or a folder of labelled image files, into image Parquet.
 
 Output rows: ``id`` (string, stable across runs), ``split`` (``train``/``validation``/``test``),
-``label`` (int) and ``image`` (Spark's image struct); Parquet partitioned by ``split``.
+``label`` (int) and ``image`` (Spark's image struct); Parquet partitioned by ``split``. Folder
+ingest (:mod:`pipelines.stages.folder_ingest`) adds ``label_name`` (the class folder's name) and
+publishes two files with the data: ``_classes.json`` (the class names in label order) and
+``_ingest_report.json`` (counts per class and split, and every file not ingested with the reason).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -13,12 +17,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 
-from pipelines.config import Config
+from pipelines.config import Config, IngestConfig
 from pipelines.imaging.image_struct import IMAGE_STRUCT, OCV_MODE_BY_CHANNELS
-from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA, write_image_parquet
+from pipelines.io.image_parquet import IMAGE_ROW_SCHEMA, split_order, write_image_parquet
 from pipelines.io.storage import Storage
+from pipelines.stages.folder_ingest import read_image_folder
 from pipelines.stages.mnist import (
     TEST_IMAGES,
     TRAIN_IMAGES,
@@ -29,6 +33,11 @@ from pipelines.stages.mnist import (
 
 logger = logging.getLogger(__name__)
 
+#: Folder ingest: every file not ingested, with the reason, and the counts (in the output).
+REPORT_FILE = "_ingest_report.json"
+#: Folder ingest: the class names in label order, a JSON list (in the output).
+CLASSES_FILE = "_classes.json"
+
 
 def run_ingest(spark: SparkSession, config: Config) -> dict[str, Any]:
     """The ingest job: build the image DataFrame from the configured source and write it."""
@@ -37,15 +46,11 @@ def run_ingest(spark: SparkSession, config: Config) -> dict[str, Any]:
     if cfg.mode == "error":
         storage.refuse_existing(cfg.output, "ingest")
     started = time.perf_counter()
-    if cfg.source == "mnist":
-        files = fetch_mnist(config.mnist)
-        df = mnist_frame(spark, load_mnist(files), cfg.validation_size)
-        source = f"mnist ({files.source})"
-    else:
-        if not cfg.folder:
-            raise ValueError("ingest.source is 'folder' but ingest.folder is not set")
-        df = image_folder_frame(spark, cfg.folder, cfg.folder_split, cfg.class_names)
-        source = f"folder {cfg.folder}"
+    if cfg.source == "folder":
+        return _ingest_folder(spark, cfg, started)
+    files = fetch_mnist(config.mnist)
+    df = mnist_frame(spark, load_mnist(files), cfg.validation_size)
+    source = f"mnist ({files.source})"
     counts = write_image_parquet(spark, df, cfg.output, cfg.partitions)
     summary = {
         "source": source,
@@ -55,6 +60,86 @@ def run_ingest(spark: SparkSession, config: Config) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
     }
     logger.info("ingest wrote %s rows %s to %s", summary["rows"], counts, cfg.output)
+    return summary
+
+
+def _ingest_folder(spark: SparkSession, cfg: IngestConfig, started: float) -> dict[str, Any]:
+    """Folder ingest: every file is ingested or listed in the report with its reason."""
+    if not cfg.folder:
+        raise ValueError("ingest.source is 'folder' but ingest.folder is not set. "
+                         "Received: ingest.folder=None")
+    found = read_image_folder(
+        spark, cfg.folder, class_names=cfg.class_names, splits=cfg.splits,
+        default_split=cfg.folder_split, seed=cfg.seed, resize=cfg.resize,
+        resize_method=cfg.resize_method, partitions=cfg.partitions,
+    )
+    try:
+        per_class = found.frame.groupBy("label", "split").count().collect()
+        ingested = sum(r["count"] for r in per_class)
+        bad = found.bad
+        total = ingested + len(bad)
+        fraction = len(bad) / total if total else 0.0
+        if bad:
+            shown = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+            logger.warning("ingest: %d of %d files not ingested (bad): %s%s", len(bad), total,
+                           shown, " ..." if len(bad) > 5 else "")
+        if found.ignored:
+            logger.info("ingest: %d hidden or bookkeeping files ignored", len(found.ignored))
+        if not ingested:
+            shown = ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+            raise ValueError(
+                f"no decodable images under ingest.folder: all {total} files are bad; nothing "
+                f"was published. Received: ingest.folder={cfg.folder!r}; first bad files: {shown}"
+            )
+        if fraction > cfg.max_bad_fraction:
+            shown = ", ".join(f"{b['path']} ({b['reason']})" for b in bad[:5])
+            raise ValueError(
+                f"{len(bad)} of {total} files are bad ({fraction:.2%}), more than "
+                f"ingest.max_bad_fraction={cfg.max_bad_fraction}; nothing was published. "
+                f"Received: ingest.folder={cfg.folder!r}; first bad files: {shown}"
+            )
+        rows_per_class: dict[str, dict[str, int]] = {name: {} for name in found.class_names}
+        for r in sorted(per_class, key=lambda r: (r["label"], split_order(r["split"]))):
+            rows_per_class[found.class_names[r["label"]]][r["split"]] = r["count"]
+        report = {
+            "folder": cfg.folder,
+            "layout": "split folders" if found.layout == "splits" else "class folders",
+            "splits": None if found.layout == "splits" else cfg.splits,
+            "seed": cfg.seed,
+            "resize": list(cfg.resize) if cfg.resize else None,
+            "class_names": found.class_names,
+            "files_ingested": ingested,
+            "bad_files": len(bad),
+            "bad_fraction": round(fraction, 6),
+            "max_bad_fraction": cfg.max_bad_fraction,
+            "ignored_files": len(found.ignored),
+            "rows_per_class": rows_per_class,
+            "bad": bad,
+            "ignored": found.ignored,
+        }
+        extra = {
+            REPORT_FILE: json.dumps(report, indent=2) + "\n",
+            CLASSES_FILE: json.dumps(found.class_names) + "\n",
+        }
+        counts = write_image_parquet(spark, found.frame, cfg.output, cfg.partitions, extra)
+    finally:
+        found.release()
+    output = cfg.output.rstrip("/")
+    summary = {
+        "source": f"folder {cfg.folder}",
+        "output": cfg.output,
+        "rows": sum(counts.values()),
+        "rows_per_split": counts,
+        "class_names": found.class_names,
+        "bad_files": len(bad),
+        "ignored_files": len(found.ignored),
+        "report": f"{output}/{REPORT_FILE}",
+        "classes": f"{output}/{CLASSES_FILE}",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    logger.info("ingest wrote %s rows %s of %s classes to %s; %s bad and %s ignored files "
+                "listed in %s", summary["rows"], counts, len(found.class_names), cfg.output,
+                len(bad), len(found.ignored), summary["report"])
     return summary
 
 
@@ -115,42 +200,13 @@ def images_to_arrow(
 
 
 def image_folder_frame(
-    spark: SparkSession, folder: str, split: str, class_names: list[str] | None = None
+    spark: SparkSession, folder: str, split: str = "train", class_names: list[str] | None = None
 ) -> DataFrame:
-    """A folder of image files whose parent folder names are labels -> image DataFrame.
+    """A labelled folder of image files -> image DataFrame (``id, split, label, image``).
 
-    Accepts ``<folder>/<label>/<file>`` and this project's export layout
-    ``<folder>/split=<s>/label=<label>/<file>`` (the split is then taken from the path).
-    Files Spark cannot decode are skipped and counted in the log.
+    ``<folder>/<label>/<file>`` images get ``split``; split folders (``train/``, ...,
+    ``split=<s>/``, as in this project's export layout) keep theirs. Files that are not
+    ingested are left out; :func:`~pipelines.stages.folder_ingest.read_image_folder` lists them.
     """
-    reader = spark.read.format("image").option("dropInvalid", True)
-    images = reader.option("recursiveFileLookup", True).load(folder)
-    origin = F.col("image.origin")
-    label_dir = F.regexp_extract(origin, r"([^/]+)/[^/]+$", 1)
-    label_name = F.regexp_replace(label_dir, r"^label=", "")
-    split_col = F.regexp_extract(origin, r"/split=([^/]+)/", 1)
-    df = images.select(
-        F.substring(F.sha1(origin), 1, 16).alias("id"),
-        F.when(split_col != "", split_col).otherwise(F.lit(split)).alias("split"),
-        label_name.alias("label_name"),
-        "image",
-    )
-    names = class_names or _discover_labels(df)
-    if not names:
-        raise ValueError(f"no decodable images found under {folder!r}")
-    mapping = F.create_map(*[x for i, name in enumerate(names) for x in (F.lit(name), F.lit(i))])
-    df = df.withColumn("label", mapping[F.col("label_name")].cast("int"))
-    unknown = df.where(F.col("label").isNull()).select("label_name").distinct().limit(5).collect()
-    if unknown:
-        raise ValueError(
-            f"images under {folder!r} have labels not in class_names {names}. "
-            f"Received: {[r.label_name for r in unknown]}"
-        )
-    return df.select("id", "split", "label", "image")
-
-
-def _discover_labels(df: DataFrame) -> list[str]:
-    names = [r.label_name for r in df.select("label_name").distinct().collect()]
-    if names and all(n.isdigit() for n in names):
-        return [str(i) for i in range(max(int(n) for n in names) + 1)]
-    return sorted(names)
+    found = read_image_folder(spark, folder, class_names=class_names, default_split=split)
+    return found.frame.select("id", "split", "label", "image")

@@ -38,7 +38,7 @@ def run_score(spark: SparkSession, config: Config) -> dict[str, Any]:
         modelPath=cfg.model, inputCol=column, batchSize=cfg.batch_size, scale=cfg.scale,
         scaleHint=cfg.resize_method, handleInvalid="keep",
     )
-    keep = ["id"] + (["label"] if "label" in images.columns else [])
+    keep = ["id"] + [c for c in ("label", "label_name") if c in images.columns]
     scored = scorer.transform(images).select(*keep, "prediction", "probability")
     summary: dict[str, Any] = {"model": cfg.model, "input": cfg.input, "output": cfg.output}
     with storage.staged_dir(cfg.output) as tmp:

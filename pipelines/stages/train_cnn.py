@@ -33,7 +33,7 @@ from pipelines.faults import maybe_fail
 from pipelines.io.digest import sha256_json
 from pipelines.io.storage import Storage
 from pipelines.ml.architectures import ArchitectureSpec, resolve_architecture
-from pipelines.ml.datasets import make_dataset, open_split
+from pipelines.ml.datasets import class_names, make_dataset, open_split
 from pipelines.ml.models import build_architecture, compile_model, steps, summary_text
 from pipelines.stages.evaluation import (
     classification_metrics,
@@ -98,12 +98,14 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
         raise ValueError("cnn.tensorboard is true but the tensorboard package is not installed; "
                          "install it or set cnn.tensorboard=false. Received: cnn.tensorboard=True")
     spec = resolve_architecture(cfg.architecture, cfg.architectures)
+    if cfg.input_shape is not None:
+        spec = spec.model_copy(update={"input_shape": tuple(cfg.input_shape)})
     epochs = cfg.epochs or spec.epochs
     batch_size = cfg.batch_size or spec.batch_size
     shape = tuple(spec.input_shape)
-    train = open_split(cfg.inputs, cfg.train_split, shape)
-    validation = open_split(cfg.inputs, cfg.validation_split, shape)
-    test = open_split(cfg.inputs, cfg.test_split, shape)
+    train = open_split(cfg.inputs, cfg.train_split, shape, cfg.resize_method)
+    validation = open_split(cfg.inputs, cfg.validation_split, shape, cfg.resize_method)
+    test = open_split(cfg.inputs, cfg.test_split, shape, cfg.resize_method)
     counts = {s.split: s.count() for s in (train, validation, test)}
     if not counts[cfg.train_split] or not counts[cfg.validation_split]:
         raise ValueError(
@@ -113,13 +115,17 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     for source in (train, validation, test):
         source.check()
     labels = train.label_counts()
-    if min(labels) < 0 or max(labels) >= cfg.num_classes:
+    names = class_names(cfg.inputs)
+    num_classes = cfg.num_classes or max(
+        2, 1 + max([*labels, *validation.label_counts(), *test.label_counts(), *names]))
+    if min(labels) < 0 or max(labels) >= num_classes:
         raise ValueError(
-            f"labels must be in [0, num_classes={cfg.num_classes}). "
+            f"labels must be in [0, num_classes={num_classes}). "
             f"Received label counts {labels} in split {cfg.train_split!r}"
         )
-    logger.info("cnn: architecture %r, %s epochs, batch %s, rows %s, train labels %s",
-                cfg.architecture, epochs, batch_size, counts, labels)
+    logger.info("cnn: architecture %r, input %s, %s classes, %s epochs, batch %s, rows %s, "
+                "train labels %s", cfg.architecture, shape, num_classes, epochs, batch_size,
+                counts, labels)
 
     work = checkpoint_dir(cfg)
     resume_epoch = _prepare_work_dir(work, _run_digest(cfg, spec, epochs, batch_size), cfg.resume)
@@ -127,7 +133,7 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
 
-    model = build_architecture(spec, cfg.num_classes)
+    model = build_architecture(spec, num_classes)
     steps_per_epoch = steps(counts[cfg.train_split], batch_size)
     compile_model(model, spec, steps_per_epoch, epochs)
     text = summary_text(model)
@@ -138,9 +144,9 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     logger.info("cnn: train + validation images take %.1f MiB as uint8: %s (cnn.in_memory_mb=%s)",
                 held_mb, "held in memory" if in_memory else "streamed from Parquet each epoch",
                 cfg.in_memory_mb)
-    train_ds = make_dataset(train, batch_size, cfg.num_classes, cfg.read_batch_rows,
+    train_ds = make_dataset(train, batch_size, num_classes, cfg.read_batch_rows,
                             cfg.shuffle_buffer, cfg.seed, spec.shift_pixels, in_memory)
-    val_ds = make_dataset(validation, batch_size, cfg.num_classes, cfg.read_batch_rows,
+    val_ds = make_dataset(validation, batch_size, num_classes, cfg.read_batch_rows,
                           in_memory=in_memory)
     callbacks = _callbacks(cfg, work)
     fit_started = time.perf_counter()
@@ -153,7 +159,8 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
         model.load_weights(str(best))
     best_epoch = _best_epoch(history, cfg.monitor)
 
-    evaluation = _evaluate(model, test, batch_size, cfg, spec) if counts[cfg.test_split] else None
+    evaluation = (_evaluate(model, test, batch_size, num_classes, cfg, spec)
+                  if counts[cfg.test_split] else None)
     publish = work / "publish"
     shutil.rmtree(publish, ignore_errors=True)
     publish.mkdir(parents=True)
@@ -170,6 +177,9 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
         "weights": "trained from scratch (random initialisation, seed "
                    f"{cfg.seed}); best epoch by {cfg.monitor}",
         "inputs": list(cfg.inputs),
+        "input_shape": list(shape),
+        "num_classes": num_classes,
+        "class_names": [names.get(i, str(i)) for i in range(num_classes)],
         "rows": counts,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -185,7 +195,7 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     if evaluation is not None:
         summary["test"] = evaluation
         (publish / "confusion_matrix.png").write_bytes(confusion_matrix_png(
-            evaluation["confusion_matrix"], [str(i) for i in range(cfg.num_classes)],
+            evaluation["confusion_matrix"], summary["class_names"],
             f"{title}: test top-1 {evaluation['top1']:.4f}"))
     summary["wall_seconds"] = round(time.perf_counter() - started, 1)
     (publish / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -228,17 +238,17 @@ def _log_epoch(epoch: int, logs: dict[str, Any] | None) -> None:
     logger.info("cnn epoch %s: %s", epoch + 1, shown)
 
 
-def _evaluate(model: Any, test: Any, batch_size: int, cfg: CnnConfig,
+def _evaluate(model: Any, test: Any, batch_size: int, num_classes: int, cfg: CnnConfig,
               spec: ArchitectureSpec) -> dict[str, Any]:
     """Keras' loss and metrics, and top-1 / per-class metrics from a streamed confusion matrix."""
     import numpy as np
 
-    dataset = make_dataset(test, batch_size, cfg.num_classes, cfg.read_batch_rows)
+    dataset = make_dataset(test, batch_size, num_classes, cfg.read_batch_rows)
     keras_metrics = model.evaluate(dataset, verbose=0, return_dict=True)
-    matrix = np.zeros((cfg.num_classes, cfg.num_classes), np.int64)
+    matrix = np.zeros((num_classes, num_classes), np.int64)
     for images, onehot in dataset:
         predicted = np.argmax(model.predict_on_batch(images), axis=1)
-        matrix += confusion_matrix(np.argmax(onehot.numpy(), axis=1), predicted, cfg.num_classes)
+        matrix += confusion_matrix(np.argmax(onehot.numpy(), axis=1), predicted, num_classes)
     result = classification_metrics(matrix)
     note = None
     if "binary" in json.dumps(spec.loss).lower():

@@ -127,7 +127,7 @@ def _run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
     matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
     for r in pairs:
         matrix[int(r["label"]), int(r["prediction"])] = r["count"]
-    names = class_names(cfg, n_classes)
+    names = class_names(cfg, n_classes, recorded_names(images))
     scores = classification_metrics(matrix, names)
     evaluate_s = time.perf_counter() - t
 
@@ -227,7 +227,19 @@ def cache_key(cfg: TransferConfig, size: int) -> str:
     return sha256_json(parts, 16)
 
 
-def class_names(cfg: TransferConfig, n_classes: int) -> list[str]:
+def recorded_names(images: DataFrame) -> dict[int, str]:
+    """Label -> class name from the data's ``label_name`` column (folder ingest), if any."""
+    if "label_name" not in images.columns:
+        return {}
+    pairs = images.select("label", "label_name").distinct().collect()
+    return {int(r["label"]): r["label_name"] for r in pairs if r["label_name"] is not None}
+
+
+def class_names(cfg: TransferConfig, n_classes: int,
+                recorded: dict[int, str] | None = None) -> list[str]:
+    """``transfer.class_names``, else the names recorded with the data, else the numbers."""
+    if not cfg.class_names and recorded:
+        return [recorded.get(i, str(i)) for i in range(n_classes)]
     names = list(cfg.class_names or [])
     if names and len(names) < n_classes:
         raise ValueError(

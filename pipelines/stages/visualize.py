@@ -32,6 +32,12 @@ def run_visualize(spark: SparkSession, config: Config) -> dict[str, Any]:
             f"{cfg.input!r} has no 'label' column to caption images with. "
             f"Received columns: {df.columns}"
         )
+    if cfg.class_names is None and "label_name" in df.columns:
+        # Folder ingest records each label's class name: caption with it.
+        pairs = df.select("label", "label_name").distinct().collect()
+        named = {int(r["label"]): r["label_name"] for r in pairs}
+        names = [named.get(i, str(i)) for i in range(1 + max(named, default=-1))]
+        cfg = cfg.model_copy(update={"class_names": names})
     storage = Storage(spark)
     sheets: dict[str, str] = {}
     has_split = "split" in df.columns
