@@ -159,31 +159,49 @@ class ImageSplit:
 
     def decode(self, batch: pa.RecordBatch, where: str) -> tuple[np.ndarray, np.ndarray]:
         """A record batch of (label, data, height, width, channels) -> numpy arrays, zero-copy."""
-        n = batch.num_rows
-        data = batch.column("data")
-        labels = batch.column("label")
-        if data.null_count or labels.null_count:
-            raise ValueError(f"null images or labels in {where!r} (split {self.split!r})")
-        dims = [batch.column(k).to_numpy(zero_copy_only=False)
-                for k in ("height", "width", "channels")]
-        h, w, c = (int(d[0]) for d in dims)
-        if any((d != d[0]).any() for d in dims) or (h, w) != (self.height, self.width):
-            sizes = sorted({(int(a), int(b), int(k)) for a, b, k in zip(*dims, strict=True)})
-            raise ValueError(
-                f"images must all be {self.height}x{self.width} (the model input). "
-                f"Received sizes (H, W, C) {sizes[:5]} in {where!r}"
-            )
-        offset_type = np.int64 if pa.types.is_large_binary(data.type) else np.int32
-        offsets = np.frombuffer(data.buffers()[1], offset_type)[data.offset:data.offset + n + 1]
-        per_image = h * w * c
-        if not (np.diff(offsets) == per_image).all():
-            raise ValueError(f"image data sizes do not match height*width*nChannels in {where!r}")
-        pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-        try:
-            images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), self.channels)
-        except ValueError as exc:
-            raise ValueError(f"{exc} in {where!r}") from None
-        return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        return decode_batch(batch, (self.height, self.width, self.channels),
+                            f"{where!r} (split {self.split!r})")
+
+
+def decode_batch(
+    batch: pa.RecordBatch, shape: tuple[int, int, int], where: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow columns ``label, data, height, width, channels`` -> (uint8 (n, H, W, C), int32 (n,)).
+
+    The pixel buffer is viewed, not copied per row; images are turned into RGB / gray and
+    converted to ``shape``'s channels. Shared by the driver's Parquet reader and the executor
+    tasks that train on a DataFrame's partitions (:mod:`pipelines.ml.distributed`).
+
+    Raises:
+        ValueError: null images or labels, or images not ``shape``'s height x width; the
+            message names ``where`` and the sizes received.
+    """
+    height, width, channels = shape
+    n = batch.num_rows
+    data = batch.column("data")
+    labels = batch.column("label")
+    if data.null_count or labels.null_count:
+        raise ValueError(f"null images or labels in {where}")
+    dims = [batch.column(k).to_numpy(zero_copy_only=False)
+            for k in ("height", "width", "channels")]
+    h, w, c = (int(d[0]) for d in dims)
+    if any((d != d[0]).any() for d in dims) or (h, w) != (height, width):
+        sizes = sorted({(int(a), int(b), int(k)) for a, b, k in zip(*dims, strict=True)})
+        raise ValueError(
+            f"images must all be {height}x{width} (the model input). "
+            f"Received sizes (H, W, C) {sizes[:5]} in {where}"
+        )
+    offset_type = np.int64 if pa.types.is_large_binary(data.type) else np.int32
+    offsets = np.frombuffer(data.buffers()[1], offset_type)[data.offset:data.offset + n + 1]
+    per_image = h * w * c
+    if not (np.diff(offsets) == per_image).all():
+        raise ValueError(f"image data sizes do not match height*width*nChannels in {where}")
+    pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    try:
+        images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), channels)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {where}") from None
+    return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
 def open_split(paths: list[str], split: str, input_shape: tuple[int, int, int]) -> ImageSplit:
@@ -275,9 +293,8 @@ def make_dataset(
 
     if in_memory:
         images, labels = source.load(read_rows)
-        dataset = memory_dataset(images, labels, batch_size, seed if shuffle else None,
-                                 shift_pixels)
-        return dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+        return array_dataset(images, labels, batch_size, num_classes,
+                             seed if shuffle else None, shift_pixels)
 
     epochs = iter(range(1 << 62))
 
@@ -306,6 +323,21 @@ def make_dataset(
         .apply(tf.data.experimental.assert_cardinality(n_batches))
         .prefetch(2)
     )
+
+
+def array_dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, num_classes: int,
+    seed: int | None = None, shift_pixels: int = 0,
+) -> tf.data.Dataset:
+    """:func:`memory_dataset` batches as model input: float32 images in [0, 1], one-hot labels."""
+    import tensorflow as tf
+
+    @tf.autograph.experimental.do_not_convert
+    def to_model_input(batch, batch_labels):
+        return tf.cast(batch, tf.float32) / 255.0, tf.one_hot(batch_labels, num_classes)
+
+    dataset = memory_dataset(images, labels, batch_size, seed, shift_pixels)
+    return dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
 def memory_dataset(
