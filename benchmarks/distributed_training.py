@@ -39,7 +39,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 from pipelines.config import load_config  # noqa: E402
 from pipelines.ml.estimator import KerasImageEstimator  # noqa: E402
 from pipelines.stages.ingest import mnist_frame  # noqa: E402
-from pipelines.stages.mnist import MnistArrays, fetch_mnist  # noqa: E402
+from pipelines.stages.mnist import MnistArrays, fetch_mnist, load_mnist  # noqa: E402
 
 
 def images_per_second(summary: dict, rows: int) -> float:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     from pyspark.sql import SparkSession
 
     config = load_config(ROOT / "conf" / "test.yaml", [f"mnist.cache_dir={ROOT / 'data/mnist'}"])
-    arrays = fetch_mnist(config.mnist)
+    arrays = load_mnist(fetch_mnist(config.mnist))
     train = MnistArrays(arrays.train_images[:args.rows], arrays.train_labels[:args.rows],
                         arrays.test_images, arrays.test_labels)
     spark = (SparkSession.builder.master(f"local-cluster[2,1,{args.executor_memory}]")
