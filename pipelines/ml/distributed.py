@@ -393,7 +393,8 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     seed_everything(plan)
     with strategy.scope():
         model = build_model(plan, steps_per_epoch)
-    twin = build_model(plan, steps_per_epoch)  # outside the strategy: validation and saving
+    # Outside the strategy, uncompiled (its optimizer never ran): validation and saving.
+    twin = build_model(plan, steps_per_epoch, compile=False)
     optimizer = model.optimizer
     loss_fn = _per_example_loss(plan.spec.loss)
     global_batch = plan.batch_size

@@ -88,7 +88,7 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)
 
 
-def build_model(plan: TrainingPlan, steps_per_epoch: int) -> Any:
+def build_model(plan: TrainingPlan, steps_per_epoch: int, compile: bool = True) -> Any:
     """The plan's model, compiled with its loss, optimizer, schedule and metrics (+ top-1).
 
     Raises:
@@ -105,7 +105,8 @@ def build_model(plan: TrainingPlan, steps_per_epoch: int) -> Any:
             )
     else:
         model = build_architecture(plan.spec, plan.num_classes)
-    compile_model(model, plan.spec, steps_per_epoch, plan.epochs)
+    if compile:
+        compile_model(model, plan.spec, steps_per_epoch, plan.epochs)
     return model
 
 

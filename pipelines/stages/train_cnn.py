@@ -250,6 +250,8 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
     fitted = estimator.fit(rows)
     model = keras.saving.load_model(fitted.getModelPath(), safe_mode=True, compile=False)
     compile_model(model, spec, 1, spec.epochs)  # for evaluate() only: it is not trained further
+    # Built, so the published file's optimizer matches what load_model(compile=True) creates.
+    model.optimizer.build(model.trainable_variables)
     summary = fitted.trainingSummary
     if cfg.ensemble > 1:
         members = summary["members"]
