@@ -12,8 +12,10 @@ train rows with the same global batch, through :class:`KerasImageEstimator`:
 Throughput is training images per second over the epochs after the first (the first holds
 graph tracing), taken from each run's own epoch timer (no validation in the runs); the fit's
 wall time (task start to model returned, including TensorFlow start-up) is printed beside it.
-Runs are interleaved; medians over ``--repeats``. Test top-1 of each model is printed too.
-Target: 2 workers >= 1.7x 1 worker.
+Runs are interleaved; medians over ``--repeats``. The last epoch's training loss of each run is
+printed beside it (the runs train the same model the same way; a few hundred steps are too few
+for the default CNN's batch-norm moving statistics to settle, so test accuracy after such short
+runs says nothing and is not printed). Target: 2 workers >= 1.7x 1 worker.
 
     PYTHONPATH=. python benchmarks/distributed_training.py --rows 12000 --epochs 3 --repeats 3
 """
@@ -27,8 +29,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,14 +45,6 @@ from pipelines.stages.mnist import MnistArrays, fetch_mnist, load_mnist  # noqa:
 def images_per_second(summary: dict, rows: int) -> float:
     epochs = summary["epoch_seconds"][1:] or summary["epoch_seconds"]
     return rows / statistics.median(epochs)
-
-
-def test_top1(model_path: str, images: np.ndarray, labels: np.ndarray) -> float:
-    import keras
-
-    model = keras.saving.load_model(model_path, safe_mode=True, compile=False)
-    probs = model.predict(images[..., None].astype("float32") / 255, batch_size=1024, verbose=0)
-    return float((probs.argmax(axis=1) == labels).mean())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +89,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = model.trainingSummary
             run = {"images_s": images_per_second(summary, rows), "wall": wall,
                    "epochs": [round(s, 2) for s in summary["epoch_seconds"]],
-                   "top1": test_top1(model.getModelPath(), train.test_images,
-                                     train.test_labels),
+                   "loss": summary["history"]["loss"][-1],
                    "digests": len(set(summary.get("digests") or [summary["digest"]]))}
             results[workers].append(run)
             print(f"repeat {repeat + 1} numWorkers={workers}: {run['images_s']:.0f} images/s, "
-                  f"epochs {run['epochs']} s, fit wall {wall:.1f} s, test top-1 "
-                  f"{run['top1']:.4f}, distinct final weights {run['digests']}", flush=True)
+                  f"epochs {run['epochs']} s, fit wall {wall:.1f} s, last loss "
+                  f"{run['loss']:.4f}, distinct final weights {run['digests']}", flush=True)
     spark.stop()
 
     median = {m: statistics.median(r["images_s"] for r in results[m]) for m in modes}
@@ -112,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in modes:
         name = {0: "driver (all cores)", 1: "1 worker x 1 core", 2: "2 workers x 1 core"}.get(
             m, f"{m} workers")
-        print(f"  {name:>20}: {median[m]:8.0f} images/s, fit wall {walls[m]:6.1f} s, test top-1 "
-              f"{statistics.median(r['top1'] for r in results[m]):.4f}")
+        print(f"  {name:>20}: {median[m]:8.0f} images/s, fit wall {walls[m]:6.1f} s, last loss "
+              f"{statistics.median(r['loss'] for r in results[m]):.4f}")
     if 1 in median and 2 in median:
         print(f"2 workers / 1 worker: {median[2] / median[1]:.2f}x throughput "
               f"(target >= 1.7x), {walls[1] / walls[2]:.2f}x fit wall time")
