@@ -424,7 +424,9 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
 
         images, labels = next(it)
         totals = strategy.run(step, args=(images, labels))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in totals]
+        # This worker's sums only: summed over the workers once per epoch (global_sum), not
+        # with three more collectives every step.
+        return tf.stack([strategy.experimental_local_results(t)[0] for t in totals])
 
     # Batch-norm moving statistics are updated by each worker from its own batches. Their
     # update is linear, so averaging them over the workers at each epoch end gives exactly the
@@ -443,9 +445,9 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         strategy.run(average)
 
     @tf.function
-    def any_worker(flag):
-        value = strategy.run(lambda: tf.identity(flag))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+    def global_sum(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     history: dict[str, list[float]] = {"loss": [], "top1": []}
     monitor = plan.monitor if validation is not None else "loss"
@@ -456,12 +458,13 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     step_count = 0
     for epoch in range(plan.epochs):
         epoch_started = time.perf_counter()
-        sums = np.zeros(3)
+        local = tf.zeros(3)
         for _ in range(steps_per_epoch):
             step_count += 1
             if rank == kill_rank and step_count == kill_step:
                 os._exit(137)
-            sums += [float(t) for t in train_step(iterator)]
+            local += train_step(iterator)
+        sums = global_sum(local).numpy().astype(float)
         if state:
             sync_state()
         epoch_seconds.append(time.perf_counter() - epoch_started)
@@ -481,7 +484,7 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
                     {k: round(v[-1], 4) for k, v in history.items()}, epoch_seconds[-1])
         stop = plan.patience is not None and waited >= plan.patience
-        if float(any_worker(tf.constant(1.0 if stop else 0.0))) > 0:
+        if float(global_sum(tf.constant(1.0 if stop else 0.0))) > 0:
             break
     fit_seconds = time.perf_counter() - fit_started
     final_digest = weights_digest(model.get_weights())
