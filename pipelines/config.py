@@ -317,6 +317,12 @@ class CnnConfig(Section):
     #: Keras progress output: ``bar`` (interactive), ``epoch`` (one line per epoch), ``off``.
     progress: Literal["bar", "epoch", "off"] = "epoch"
     tensorboard: bool = True
+    #: 0 trains on the driver (resumable, streamed when large); N trains one model on N
+    #: executor tasks together (``MultiWorkerMirroredStrategy``; needs N free task slots).
+    num_workers: int = Field(default=0, ge=0)
+    #: K > 1 trains K models (seeds seed, seed+1, ...) and publishes one model averaging their
+    #: probabilities; the members train as parallel executor tasks when num_workers > 0.
+    ensemble: int = Field(default=1, ge=1)
 
     @field_validator("checkpoint_dir")
     @classmethod

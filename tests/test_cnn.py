@@ -301,3 +301,26 @@ def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"shift_pixels.*Received"):
         load_config(TEST_CONF, ["cnn.architecture=bad",
                                 f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
+
+
+def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
+    spark, image_parquet, digits, tmp_path
+):
+    import keras
+
+    run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.num_workers=2", "cnn.epochs=2"))
+
+    out = tmp_path / "cnn"
+    for name in OUTPUT_FILES:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["input"] == "executors" and metrics["num_workers"] == 2
+    first, second = metrics["worker_digests"]
+    assert first == second  # both workers ended with the same weights
+    assert metrics["epochs_run"] == 2 and set(metrics["validation"]) == {"val_loss", "val_top1"}
+    with (out / "history.csv").open() as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
+    top1 = float((probs.argmax(axis=1) == digits.test_labels).mean())
+    assert metrics["test"]["top1"] == pytest.approx(top1)

@@ -1,6 +1,7 @@
 """The Spark ML library: sparkdl's stages on Spark 4, Keras 3 and ``predict_batch_udf``.
 
     from pipelines.ml import DeepImageFeaturizer, DeepImagePredictor, KerasImageClassifier
+    from pipelines.ml import KerasImageEstimator
 
 sparkdl programs can import the same stages under sparkdl's names from :mod:`pipelines.sparkdl`.
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipelines.ml.classifier import KerasImageClassifier
+    from pipelines.ml.estimator import KerasImageEstimator
     from pipelines.ml.featurizer import DeepImageFeaturizer
     from pipelines.ml.keras_image_file import KerasImageFileTransformer
     from pipelines.ml.keras_transformer import KerasTransformer
@@ -29,6 +31,7 @@ _EXPORTS = {
     "DeepImageFeaturizer": "pipelines.ml.featurizer",
     "DeepImagePredictor": "pipelines.ml.predictor",
     "KerasImageClassifier": "pipelines.ml.classifier",
+    "KerasImageEstimator": "pipelines.ml.estimator",
     "KerasImageFileTransformer": "pipelines.ml.keras_image_file",
     "KerasTransformer": "pipelines.ml.keras_transformer",
     "register_keras_image_udf": "pipelines.ml.predictor",
@@ -39,6 +42,7 @@ __all__ = [
     "DeepImageFeaturizer",
     "DeepImagePredictor",
     "KerasImageClassifier",
+    "KerasImageEstimator",
     "KerasImageFileTransformer",
     "KerasTransformer",
     "register_keras_image_udf",

@@ -162,39 +162,53 @@ class ImageSplit:
         return self.count() * self.height * self.width * self.channels
 
     def decode(self, batch: pa.RecordBatch, where: str) -> tuple[np.ndarray, np.ndarray]:
-        """A record batch of (label, data, height, width, channels) -> numpy arrays.
+        """A record batch of (label, data, height, width, channels) -> numpy arrays."""
+        return decode_batch(batch, (self.height, self.width, self.channels),
+                            f"{where!r} (split {self.split!r})", self.resize_method)
 
-        A batch whose images all have the model's height and width is reinterpreted in place
-        (zero-copy, channels converted as a whole); any other batch is fitted image by image
-        (:func:`~pipelines.imaging.resize.fit_images`: channels, then ``resize_method``).
-        """
-        n = batch.num_rows
-        data = batch.column("data")
-        labels = batch.column("label")
-        if data.null_count or labels.null_count:
-            raise ValueError(f"null images or labels in {where!r} (split {self.split!r})")
-        dims = [batch.column(k).to_numpy(zero_copy_only=False).astype(np.int64)
-                for k in ("height", "width", "channels")]
-        offset_type = np.int64 if pa.types.is_large_binary(data.type) else np.int32
-        offsets = np.frombuffer(data.buffers()[1], offset_type)[data.offset:data.offset + n + 1]
-        if not (np.diff(offsets) == dims[0] * dims[1] * dims[2]).all():
-            raise ValueError(f"image data sizes do not match height*width*nChannels in {where!r}")
-        pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
-        uniform = all((d == d[0]).all() for d in dims)
-        h, w, c = (int(d[0]) for d in dims)
-        try:
-            if uniform and (h, w) == (self.height, self.width):
-                images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), self.channels)
-            else:
-                start = offsets[0]
-                arrays = [to_rgb(pixels[a - start:b - start].reshape(int(y), int(x), int(k)))
-                          for a, b, y, x, k in zip(offsets[:-1], offsets[1:], *dims,
-                                                   strict=True)]
-                images, _ = fit_images(arrays, self.height, self.width, self.channels,
-                                       self.resize_method)
-        except ValueError as exc:
-            raise ValueError(f"{exc} in {where!r}") from None
-        return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+
+def decode_batch(
+    batch: pa.RecordBatch, shape: tuple[int, int, int], where: str,
+    resize_method: str = "bilinear",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Arrow columns ``label, data, height, width, channels`` -> (uint8 (n, H, W, C), int32 (n,)).
+
+    A batch whose images all have ``shape``'s height and width is viewed in place (zero-copy,
+    channels converted as a whole); any other batch is fitted image by image
+    (:func:`~pipelines.imaging.resize.fit_images`: channels, then ``resize_method``). Images are
+    turned into RGB / gray first. Shared by the driver's Parquet reader and the executor tasks
+    that train on a DataFrame's partitions (:mod:`pipelines.ml.distributed`).
+
+    Raises:
+        ValueError: null images or labels, or pixel data that does not match the image sizes;
+            the message names ``where``.
+    """
+    height, width, channels = shape
+    n = batch.num_rows
+    data = batch.column("data")
+    labels = batch.column("label")
+    if data.null_count or labels.null_count:
+        raise ValueError(f"null images or labels in {where}")
+    dims = [batch.column(k).to_numpy(zero_copy_only=False).astype(np.int64)
+            for k in ("height", "width", "channels")]
+    offset_type = np.int64 if pa.types.is_large_binary(data.type) else np.int32
+    offsets = np.frombuffer(data.buffers()[1], offset_type)[data.offset:data.offset + n + 1]
+    if not (np.diff(offsets) == dims[0] * dims[1] * dims[2]).all():
+        raise ValueError(f"image data sizes do not match height*width*nChannels in {where}")
+    pixels = np.frombuffer(data.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+    uniform = all((d == d[0]).all() for d in dims)
+    h, w, c = (int(d[0]) for d in dims)
+    try:
+        if uniform and (h, w) == (height, width):
+            images = fit_channels(to_rgb(pixels.reshape(n, h, w, c)), channels)
+        else:
+            start = offsets[0]
+            arrays = [to_rgb(pixels[a - start:b - start].reshape(int(y), int(x), int(k)))
+                      for a, b, y, x, k in zip(offsets[:-1], offsets[1:], *dims, strict=True)]
+            images, _ = fit_images(arrays, height, width, channels, resize_method)
+    except ValueError as exc:
+        raise ValueError(f"{exc} in {where}") from None
+    return images, labels.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
 def open_split(paths: list[str], split: str, input_shape: tuple[int, int, int],
@@ -308,9 +322,8 @@ def make_dataset(
 
     if in_memory:
         images, labels = source.load(read_rows)
-        dataset = memory_dataset(images, labels, batch_size, seed if shuffle else None,
-                                 shift_pixels)
-        return dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+        return array_dataset(images, labels, batch_size, num_classes,
+                             seed if shuffle else None, shift_pixels)
 
     epochs = iter(range(1 << 62))
 
@@ -339,6 +352,21 @@ def make_dataset(
         .apply(tf.data.experimental.assert_cardinality(n_batches))
         .prefetch(2)
     )
+
+
+def array_dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, num_classes: int,
+    seed: int | None = None, shift_pixels: int = 0,
+) -> tf.data.Dataset:
+    """:func:`memory_dataset` batches as model input: float32 images in [0, 1], one-hot labels."""
+    import tensorflow as tf
+
+    @tf.autograph.experimental.do_not_convert
+    def to_model_input(batch, batch_labels):
+        return tf.cast(batch, tf.float32) / 255.0, tf.one_hot(batch_labels, num_classes)
+
+    dataset = memory_dataset(images, labels, batch_size, seed, shift_pixels)
+    return dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
 def memory_dataset(

@@ -1,4 +1,12 @@
-"""The train_cnn job: a Keras CNN trained on the driver from image Parquet.
+"""The train_cnn job: a Keras CNN trained from image Parquet, on the driver or the executors.
+
+With ``cnn.num_workers: 0`` and ``cnn.ensemble: 1`` (the defaults) the driver trains, through
+the loop shared with the estimator (:mod:`pipelines.ml.training`). Otherwise the job applies
+:class:`~pipelines.ml.estimator.KerasImageEstimator` to the train and validation rows: one model
+on ``num_workers`` executor tasks, or ``ensemble`` members averaged into one model. Either way
+the job then evaluates on the test split and publishes the same outputs.
+
+On the driver:
 
 Data comes from Parquet through Arrow batches into ``tf.data`` (:mod:`pipelines.ml.datasets`):
 held in memory when the train and validation splits fit ``cnn.in_memory_mb``, else streamed each
@@ -15,7 +23,7 @@ Outputs in ``cnn.output`` (replaced atomically at the end, nothing published on 
 
 from __future__ import annotations
 
-import csv
+import functools
 import hashlib
 import importlib.util
 import json
@@ -26,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 
 from pipelines.config import CnnConfig, Config
 from pipelines.faults import maybe_fail
@@ -34,7 +43,16 @@ from pipelines.io.digest import sha256_json
 from pipelines.io.storage import Storage
 from pipelines.ml.architectures import ArchitectureSpec, resolve_architecture
 from pipelines.ml.datasets import class_names, make_dataset, open_split
-from pipelines.ml.models import build_architecture, compile_model, steps, summary_text
+from pipelines.ml.models import compile_model, steps, summary_text
+from pipelines.ml.training import (
+    TrainingPlan,
+    TrainResult,
+    best_epoch,
+    last_or_best,
+    prepare_work_dir,
+    train_model,
+    write_history,
+)
 from pipelines.stages.evaluation import (
     classification_metrics,
     confusion_matrix,
@@ -50,6 +68,7 @@ OUTPUT_FILES = (
 )
 _VERBOSE = {"bar": 1, "epoch": 2, "off": 0}
 #: Settings that do not change what is trained (a run may resume across changes of these).
+#: ``num_workers`` and ``ensemble`` are left out of this set: they change how it is trained.
 _NOT_TRAINING = {"output", "checkpoint_dir", "resume", "progress", "tensorboard", "architectures"}
 
 
@@ -68,7 +87,7 @@ def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
     """The train_cnn job: train, evaluate on the test split, publish the outputs."""
     cfg = config.cnn
     storage = Storage(spark)
-    summary, publish_dir = train_cnn(cfg)
+    summary, publish_dir = train_cnn(cfg, spark)
     with storage.staged_dir(cfg.output) as tmp:
         for path in sorted(publish_dir.rglob("*")):
             if path.is_file():
@@ -84,15 +103,14 @@ def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
     return summary
 
 
-def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
+def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None
+              ) -> tuple[dict[str, Any], Path]:
     """Train and evaluate; write every output under ``<checkpoint_dir>/publish``.
 
     Returns the summary written to ``metrics.json`` and the publish folder.
-    Needs no SparkSession: the driver reads Parquet itself.
+    Training on the driver needs no SparkSession (the driver reads Parquet itself); on the
+    executors (``num_workers`` > 0 or ``ensemble`` > 1) it needs ``spark``.
     """
-    import keras
-    import tensorflow as tf
-
     started = time.perf_counter()
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("cnn.tensorboard is true but the tensorboard package is not installed; "
@@ -128,36 +146,23 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
                 counts, labels)
 
     work = checkpoint_dir(cfg)
-    resume_epoch = _prepare_work_dir(work, _run_digest(cfg, spec, epochs, batch_size), cfg.resume)
-    keras.utils.set_random_seed(cfg.seed)
-    if cfg.deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-    model = build_architecture(spec, num_classes)
-    steps_per_epoch = steps(counts[cfg.train_split], batch_size)
-    compile_model(model, spec, steps_per_epoch, epochs)
+    resume_epoch = prepare_work_dir(work, _run_digest(cfg, spec, epochs, batch_size), cfg.resume)
+    plan = TrainingPlan(spec=spec.model_copy(update={"epochs": epochs, "batch_size": batch_size}),
+                        num_classes=num_classes, seed=cfg.seed, monitor=cfg.monitor,
+                        patience=cfg.early_stopping_patience, deterministic=cfg.deterministic)
+    if cfg.num_workers or cfg.ensemble > 1:
+        if spark is None:
+            raise ValueError("training on the executors needs a SparkSession. Received: "
+                             f"cnn.num_workers={cfg.num_workers}, cnn.ensemble={cfg.ensemble}")
+        trained, feed, extra = _train_with_estimator(spark, cfg, plan, work)
+    else:
+        trained, feed = _train_on_driver(cfg, plan, train, validation, counts, work, resume_epoch)
+        extra = {}
+    model, history = trained.model, trained.history
     text = summary_text(model)
     logger.info("cnn model summary:\n%s", text)
-
-    held_mb = (train.nbytes() + validation.nbytes()) / 2**20
-    in_memory = held_mb <= cfg.in_memory_mb
-    logger.info("cnn: train + validation images take %.1f MiB as uint8: %s (cnn.in_memory_mb=%s)",
-                held_mb, "held in memory" if in_memory else "streamed from Parquet each epoch",
-                cfg.in_memory_mb)
-    train_ds = make_dataset(train, batch_size, num_classes, cfg.read_batch_rows,
-                            cfg.shuffle_buffer, cfg.seed, spec.shift_pixels, in_memory)
-    val_ds = make_dataset(validation, batch_size, num_classes, cfg.read_batch_rows,
-                          in_memory=in_memory)
-    callbacks = _callbacks(cfg, work)
-    fit_started = time.perf_counter()
-    model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-              shuffle=False, verbose=_VERBOSE[cfg.progress])
-    fit_seconds = time.perf_counter() - fit_started
-    history = _read_history(work / "history.csv")
-    best = work / "best.weights.h5"
-    if best.exists():
-        model.load_weights(str(best))
-    best_epoch = _best_epoch(history, cfg.monitor)
+    fit_seconds = trained.fit_seconds
+    best = trained.best_epoch
 
     evaluation = (_evaluate(model, test, batch_size, num_classes, cfg, spec)
                   if counts[cfg.test_split] else None)
@@ -166,7 +171,7 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     publish.mkdir(parents=True)
     model.save(publish / "model.keras")
     (publish / "summary.txt").write_text(text + "\n")
-    shutil.copy(work / "history.csv", publish / "history.csv")
+    write_history(publish / "history.csv", history)
     if cfg.tensorboard and (work / "tensorboard").exists():
         shutil.copytree(work / "tensorboard", publish / "tensorboard")
     title = f"architecture {cfg.architecture!r}"
@@ -183,14 +188,17 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
         "rows": counts,
         "epochs": epochs,
         "batch_size": batch_size,
-        "input": "in_memory" if in_memory else "streamed",
+        "input": feed,
+        "num_workers": cfg.num_workers,
+        "ensemble": cfg.ensemble,
         "epochs_run": len(history.get("loss", [])),
-        "resumed_from_epoch": resume_epoch,
-        "best_epoch": best_epoch,
-        "validation": {k: _last_or_best(history, k, best_epoch) for k in history
+        "resumed_from_epoch": trained.resumed_from_epoch,
+        "best_epoch": best,
+        "validation": {k: last_or_best(history, k, best) for k in history
                        if k.startswith("val_")},
         "fit_seconds": round(fit_seconds, 1),
         "params": int(model.count_params()),
+        **extra,
     }
     if evaluation is not None:
         summary["test"] = evaluation
@@ -205,37 +213,86 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     return summary, publish
 
 
-def _callbacks(cfg: CnnConfig, work: Path) -> list[Any]:
+def _train_on_driver(cfg: CnnConfig, plan: TrainingPlan, train: Any, validation: Any,
+                     counts: dict[str, int], work: Path, resume_epoch: int | None
+                     ) -> tuple[TrainResult, str]:
+    """Keras ``fit`` on the driver, fed from Parquet in memory or streamed; resumable."""
+    held_mb = (train.nbytes() + validation.nbytes()) / 2**20
+    in_memory = held_mb <= cfg.in_memory_mb
+    logger.info("cnn: train + validation images take %.1f MiB as uint8: %s (cnn.in_memory_mb=%s)",
+                held_mb, "held in memory" if in_memory else "streamed from Parquet each epoch",
+                cfg.in_memory_mb)
+    batch_size = plan.batch_size
+    train_ds = make_dataset(train, batch_size, plan.num_classes, cfg.read_batch_rows,
+                            cfg.shuffle_buffer, cfg.seed, plan.spec.shift_pixels, in_memory)
+    val_ds = make_dataset(validation, batch_size, plan.num_classes, cfg.read_batch_rows,
+                          in_memory=in_memory)
+    failpoint = _failpoint_callback()
+    trained = train_model(plan, train_ds, val_ds, steps(counts[cfg.train_split], batch_size),
+                          work, verbose=_VERBOSE[cfg.progress], tensorboard=cfg.tensorboard,
+                          resumed_from_epoch=resume_epoch, extra_callbacks=[failpoint])
+    return trained, "in_memory" if in_memory else "streamed"
+
+
+def _failpoint_callback() -> Any:
     import keras
 
-    history = _read_history(work / "history.csv")
-    previous = history.get(cfg.monitor)
-    mode = "min" if "loss" in cfg.monitor else "max"
-    best_so_far = None
-    if previous:
-        best_so_far = min(previous) if mode == "min" else max(previous)
-    callbacks: list[Any] = [
-        keras.callbacks.BackupAndRestore(str(work / "backup")),
-        keras.callbacks.CSVLogger(str(work / "history.csv"), append=True),
-        keras.callbacks.ModelCheckpoint(
-            str(work / "best.weights.h5"), monitor=cfg.monitor, mode=mode,
-            save_best_only=True, save_weights_only=True, initial_value_threshold=best_so_far,
-        ),
-        keras.callbacks.LambdaCallback(on_epoch_end=_log_epoch),
-        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: maybe_fail("cnn.epoch")),
-    ]
-    if cfg.early_stopping_patience is not None:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor=cfg.monitor, mode=mode, patience=cfg.early_stopping_patience))
-    if cfg.tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(
-            str(work / "tensorboard"), write_graph=False, update_freq="epoch"))
-    return callbacks
+    return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: maybe_fail("cnn.epoch"))
 
 
-def _log_epoch(epoch: int, logs: dict[str, Any] | None) -> None:
-    shown = ", ".join(f"{k}={float(v):.4f}" for k, v in sorted((logs or {}).items()))
-    logger.info("cnn epoch %s: %s", epoch + 1, shown)
+def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPlan, work: Path
+                          ) -> tuple[TrainResult, str, dict[str, Any]]:
+    """The estimator on the train + validation rows: executor tasks, or an ensemble."""
+    import keras
+
+    from pipelines.ml.estimator import KerasImageEstimator
+
+    rows = _image_rows(spark, cfg.inputs).where(
+        F.col("split").isin(cfg.train_split, cfg.validation_split)
+    ).withColumn("_is_validation", F.col("split") == cfg.validation_split)
+    spec = plan.spec
+    estimator = KerasImageEstimator(
+        architecture=spec.model_dump_json(), numClasses=plan.num_classes, epochs=spec.epochs,
+        batchSize=spec.batch_size, validationIndicatorCol="_is_validation",
+        monitor=cfg.monitor, earlyStoppingPatience=cfg.early_stopping_patience or 0,
+        seed=cfg.seed, numWorkers=cfg.num_workers, ensembleSize=cfg.ensemble,
+        modelDir=str(work / "estimator"))
+    fitted = estimator.fit(rows)
+    model = keras.saving.load_model(fitted.getModelPath(), safe_mode=True, compile=False)
+    compile_model(model, spec, 1, spec.epochs)  # for evaluate() only: it is not trained further
+    # Built, so the published file's optimizer matches what load_model(compile=True) creates.
+    model.optimizer.build(model.trainable_variables)
+    summary = fitted.trainingSummary
+    if cfg.ensemble > 1:
+        members = summary["members"]
+        history = _mean_history([m["history"] for m in members])
+        extra = {"members": [{"seed": cfg.seed + i, "best_epoch": m["best_epoch"],
+                              "fit_seconds": round(m["fit_seconds"], 1),
+                              "validation": {k: last_or_best(m["history"], k, m["best_epoch"])
+                                             for k in m["history"] if k.startswith("val_")}}
+                             for i, m in enumerate(members)]}
+        fit_seconds = max(m["ended"] for m in members) - min(m["started"] for m in members) \
+            if cfg.num_workers else sum(m["fit_seconds"] for m in members)
+        best = best_epoch(history, cfg.monitor)
+    else:
+        history = summary["history"]
+        extra = {"worker_digests": summary.get("digests")}
+        fit_seconds, best = summary["fit_seconds"], summary["best_epoch"]
+    feed = "executors" if cfg.num_workers else "collected_to_driver"
+    return TrainResult(model, history, best, fit_seconds), feed, extra
+
+
+def _image_rows(spark: SparkSession, inputs: list[str]) -> DataFrame:
+    frames = [spark.read.parquet(path).select("split", "label", "image") for path in inputs]
+    return functools.reduce(DataFrame.unionByName, frames)
+
+
+def _mean_history(histories: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per-epoch means of the members' metrics, over the epochs every member ran."""
+    keys = set.intersection(*(set(h) for h in histories))
+    epochs = min(len(h[k]) for h in histories for k in keys)
+    return {k: [sum(h[k][i] for h in histories) / len(histories) for i in range(epochs)]
+            for k in sorted(keys)}
 
 
 def _evaluate(model: Any, test: Any, batch_size: int, num_classes: int, cfg: CnnConfig,
@@ -267,45 +324,3 @@ def _evaluate(model: Any, test: Any, batch_size: int, num_classes: int, cfg: Cnn
 def _run_digest(cfg: CnnConfig, spec: ArchitectureSpec, epochs: int, batch_size: int) -> str:
     settings = cfg.model_dump(mode="json", exclude=_NOT_TRAINING)
     return sha256_json([settings, spec.model_dump(mode="json"), epochs, batch_size])
-
-
-def _prepare_work_dir(work: Path, digest: str, resume: bool) -> int | None:
-    """Keep the state of an interrupted identical run (returns its epoch) or start clean."""
-    state = work / "run.json"
-    metadata = work / "backup" / "training_metadata.json"
-    if resume and metadata.exists() and state.exists():
-        if json.loads(state.read_text()).get("digest") == digest:
-            epoch = int(json.loads(metadata.read_text())["epoch"])
-            logger.info("cnn: resuming an interrupted run from epoch %s (%s)", epoch, work)
-            return epoch
-        logger.warning("cnn: checkpoints in %s are from other settings; starting over", work)
-    for name in ("backup", "tensorboard", "publish"):
-        shutil.rmtree(work / name, ignore_errors=True)
-    for name in ("history.csv", "best.weights.h5"):
-        (work / name).unlink(missing_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"digest": digest}))
-    return None
-
-
-def _read_history(path: Path) -> dict[str, list[float]]:
-    if not path.exists():
-        return {}
-    with path.open() as fh:
-        rows = list(csv.DictReader(fh))
-    keys = [k for k in (rows[0] if rows else {}) if k != "epoch"]
-    return {k: [float(r[k]) for r in rows] for k in keys}
-
-
-def _best_epoch(history: dict[str, list[float]], monitor: str) -> int | None:
-    values = history.get(monitor)
-    if not values:
-        return None
-    pick = min if "loss" in monitor else max
-    return 1 + values.index(pick(values))
-
-
-def _last_or_best(history: dict[str, list[float]], key: str, best_epoch: int | None) -> float:
-    values = history[key]
-    return round(values[(best_epoch or len(values)) - 1], 6)
-

@@ -1,0 +1,520 @@
+"""Training on the executors: one model over N Spark tasks, or independent models, one per task.
+
+**Multi-worker** (:func:`fit_multi_worker`): one Spark *barrier* stage of N tasks over the
+training DataFrame repartitioned into N shards. Each task decodes its own shard (Arrow batches,
+no row objects), picks a free port, and the tasks exchange ``host:port`` and shard sizes with
+``BarrierTaskContext.allGather``. Each then starts a training process with ``TF_CONFIG`` naming
+the N workers, which trains synchronously with ``tf.distribute.MultiWorkerMirroredStrategy``:
+gradients are averaged by TensorFlow's collective all-reduce (ring over gRPC) every step.
+
+Keras 3's ``model.fit`` fails under that strategy (keras-team/keras#20585), so the loop is
+written out: ``strategy.run`` over ``distribute_datasets_from_function`` batches,
+``tf.nn.compute_average_loss``, the Keras optimizer's ``apply_gradients``. Every worker takes
+the same number of steps per epoch (its shard repeats; the count comes from all shard sizes).
+Validation runs on a plain copy of the weights outside the strategy (``model.predict`` inside a
+multi-worker context gave wrong predictions), on every worker, so early stopping agrees; the
+chief (rank 0) writes the model of the best epoch and the history.
+
+**Independent** (:func:`fit_independent`): K training plans (tuning candidates, ensemble
+members) as K tasks of one Spark job, each training one model with Keras ``fit``
+(:func:`pipelines.ml.training.train_model`) on the whole training set, shipped once with
+``SparkContext.addFile``.
+
+Why a child process per task: a TensorFlow process can join one collective cluster only, once,
+and fixes its thread pools at start; Spark reuses Python workers. The child gets
+``spark.task.cpus`` threads, dies with its task (``PR_SET_PDEATHSIG``), and a child that dies
+fails its task with its exit code and the end of its log. Collectives have a timeout
+(``CommunicationOptions(timeout_seconds=...)``), so a worker whose peer died stops with an error
+rather than waiting for ever; Spark then fails the barrier stage (and retries it as a whole, up
+to ``spark.stage.maxConsecutiveAttempts``).
+
+Test hook: the Spark local property ``pipelines.training.kill`` = ``"<rank>:<step>"`` makes that
+worker's training process exit with code 137 before that step (global step count, from 1), as
+a ``kill -9`` would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines.ml.training import TrainingPlan
+
+logger = logging.getLogger(__name__)
+
+#: Spark local property read by the tasks: ``"<rank>:<step>"`` kills that worker (tests).
+KILL_PROPERTY = "pipelines.training.kill"
+#: The columns the tasks read, in Arrow (what :func:`pipelines.ml.datasets.decode_batch` takes).
+SHARD_COLUMNS = ("label", "data", "height", "width", "channels")
+_RESULT_SCHEMA = "rank int, result string, model binary"
+_LOG_TAIL = 3000
+
+
+class TrainingWorkerError(RuntimeError):
+    """A training process on an executor failed; the message has its exit code and log tail."""
+
+
+@dataclass
+class WorkerOutput:
+    """What one training task returns: the model (chief / single task) and its record."""
+
+    model: bytes | None
+    result: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def fit_multi_worker(
+    frame: Any, plan: TrainingPlan, validation: tuple[np.ndarray, np.ndarray] | None,
+    num_workers: int, timeout_s: float,
+) -> list[WorkerOutput]:
+    """Train ``plan`` on ``frame`` (columns :data:`SHARD_COLUMNS`) with ``num_workers`` tasks.
+
+    Returns one :class:`WorkerOutput` per worker, by rank; rank 0 holds the model.
+
+    Raises:
+        TrainingWorkerError: a worker failed (the Spark job's error, with the worker's message).
+    """
+    spark = frame.sparkSession
+    shape = tuple(plan.spec.input_shape)
+    val_file = _ship_arrays(spark, "validation", validation) if validation else None
+    start = Path(plan.start_model).read_bytes() if plan.start_model else None
+    plan_json = plan.to_json()
+    kill = spark.sparkContext.getLocalProperty(KILL_PROPERTY)
+
+    def task(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import BarrierTaskContext
+
+        from pipelines.ml.datasets import decode_batch
+
+        context = BarrierTaskContext.get()
+        rank = context.partitionId()
+        images, labels = _decode_all(batches, shape, decode_batch, f"training shard {rank}")
+        work = Path(tempfile.mkdtemp(prefix=f"pipelines-train-{rank}-"))
+        try:
+            np.savez(work / "train.npz", x=images, y=labels)
+            port = _free_port()
+            host = context.getTaskInfos()[rank].address.rsplit(":", 1)[0]
+            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "rows": len(labels)})
+            peers = sorted((json.loads(m) for m in context.allGather(me)),
+                           key=lambda p: p["rank"])
+            rows = [p["rows"] for p in peers]
+            if min(rows) == 0:
+                raise ValueError(f"every worker needs training rows. Received shard sizes {rows}")
+            job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
+                       start, val_file, work)
+            job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
+            (work / "job.json").write_text(json.dumps(job))
+            tf_config = {"cluster": {"worker": [p["address"] for p in peers]},
+                         "task": {"type": "worker", "index": rank}}
+            out = _run_child(work, {"TF_CONFIG": json.dumps(tf_config)},
+                             f"training worker {rank} of {len(peers)}")
+        finally:
+            _remove(work)
+        yield pa.RecordBatch.from_pylist([out], schema=_arrow_schema())
+
+    try:
+        rows = frame.repartition(num_workers).mapInArrow(task, _RESULT_SCHEMA,
+                                                        barrier=True).collect()
+    except Exception as exc:  # Py4J / PythonException: keep the worker's own message first
+        raise TrainingWorkerError(
+            f"multi-worker training with numWorkers={num_workers} failed: "
+            f"{_cause(exc)}") from exc
+    outputs = [WorkerOutput(r["model"], json.loads(r["result"])) for r in rows]
+    return sorted(outputs, key=lambda o: o.result["rank"])
+
+
+def fit_independent(
+    spark: Any, plans: Sequence[TrainingPlan], train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None, timeout_s: float,
+) -> list[WorkerOutput]:
+    """Train each plan as its own Spark task (one job, ``len(plans)`` tasks) on all of ``train``.
+
+    Returns the outputs in the order of ``plans``.
+
+    Raises:
+        TrainingWorkerError: a task failed.
+    """
+    train_file = _ship_arrays(spark, "train", train)
+    val_file = _ship_arrays(spark, "validation", validation) if validation else None
+    jobs = []
+    for i, plan in enumerate(plans):
+        start = Path(plan.start_model).read_bytes() if plan.start_model else None
+        jobs.append((i, plan.to_json(), start))
+    kill = spark.sparkContext.getLocalProperty(KILL_PROPERTY)
+
+    def task(items: Iterator[tuple[int, str, bytes | None]]) -> Iterator[tuple[int, Any, str]]:
+        from pyspark import SparkFiles, TaskContext
+
+        cpus = TaskContext.get().cpus()
+        for index, plan_json, start in items:
+            work = Path(tempfile.mkdtemp(prefix=f"pipelines-train-model{index}-"))
+            try:
+                job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
+                           val_file, work)
+                job["train"] = SparkFiles.get(train_file)
+                (work / "job.json").write_text(json.dumps(job))
+                out = _run_child(work, {}, f"training task for model {index}")
+            finally:
+                _remove(work)
+            yield index, out["model"], out["result"]
+
+    context = spark.sparkContext
+    try:
+        rows = context.parallelize(jobs, len(jobs)).mapPartitions(task).collect()
+    except Exception as exc:
+        raise TrainingWorkerError(
+            f"training {len(plans)} models as Spark tasks failed: {_cause(exc)}") from exc
+    by_index = {i: WorkerOutput(model, json.loads(result)) for i, model, result in rows}
+    return [by_index[i] for i in range(len(plans))]
+
+
+def _ship_arrays(spark: Any, name: str, arrays: tuple[np.ndarray, np.ndarray]) -> str:
+    """Write (images, labels) to a driver-local ``.npz`` and ``addFile`` it; returns its name."""
+    folder = Path(tempfile.mkdtemp(prefix="pipelines-train-data-"))
+    path = folder / f"{name}-{uuid.uuid4().hex}.npz"
+    np.savez(path, x=arrays[0], y=arrays[1])
+    spark.sparkContext.addFile(str(path))
+    return path.name
+
+
+def _arrow_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([("rank", pa.int32()), ("result", pa.string()), ("model", pa.binary())])
+
+
+def _cause(exc: BaseException) -> str:
+    """The most telling line of a Spark job failure: our worker error when there is one."""
+    text = str(exc)
+    for marker in ("TrainingWorkerError: ", "ValueError: "):
+        if marker in text:
+            line = text.split(marker, 1)[1]
+            return marker + line.split("\n\tat ", 1)[0].strip()[:4000]
+    return f"{type(exc).__name__}: {text[:2000]}"
+
+
+# --------------------------------------------------------------------------- task side
+
+
+def _decode_all(batches: Iterator[Any], shape: tuple[int, int, int], decode, where: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for batch in batches:
+        if batch.num_rows:
+            x, y = decode(batch, shape, where)
+            images.append(np.array(x))
+            labels.append(np.array(y))
+    if not images:
+        return np.empty((0, *shape), np.uint8), np.empty(0, np.int32)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_s: float,
+         kill: str | None, start: bytes | None, val_file: str | None, work: Path
+         ) -> dict[str, Any]:
+    from pyspark import SparkFiles
+
+    plan = json.loads(plan_json)
+    if start is not None:
+        (work / "start.keras").write_bytes(start)
+        plan["start_model"] = str(work / "start.keras")
+    return {
+        "plan": json.dumps(plan), "mode": mode, "rank": rank, "num_workers": workers,
+        "threads": max(1, int(cpus)), "timeout_s": timeout_s, "kill": kill,
+        "train": str(work / "train.npz"),
+        "validation": SparkFiles.get(val_file) if val_file else None,
+        "started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the collective timeout still ends it
+        pass
+
+
+def _run_child(work: Path, env: dict[str, str], label: str) -> dict[str, Any]:
+    """Run the training process for ``work``; its result, or a :class:`TrainingWorkerError`."""
+    environment = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    environment.update(env)
+    environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    log = work / "worker.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.ml.distributed", str(work)],
+                                stdout=sink, stderr=subprocess.STDOUT, env=environment,
+                                preexec_fn=_die_with_parent)
+        code = proc.wait()
+    if code != 0:
+        tail = log.read_bytes()[-_LOG_TAIL:].decode(errors="replace")
+        raise TrainingWorkerError(
+            f"{label} exited with code {code}"
+            f"{' (killed)' if code in (137, -9) else ''}; the end of its log:\n{tail}")
+    model = work / "model.keras"
+    return {"rank": json.loads((work / "result.json").read_text())["rank"],
+            "result": (work / "result.json").read_text(),
+            "model": model.read_bytes() if model.exists() else None}
+
+
+def _remove(work: Path) -> None:
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- training process
+
+
+def weights_digest(weights: Sequence[np.ndarray]) -> str:
+    """SHA-256 of every weight array's bytes, in order (equal digests: equal models)."""
+    digest = hashlib.sha256()
+    for array in weights:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _worker_main(work: Path) -> None:
+    job = json.loads((work / "job.json").read_text())
+    import tensorflow as tf
+
+    threads = job["threads"]
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    # Collectives need an inter-op thread of their own beside the step's ops.
+    tf.config.threading.set_inter_op_parallelism_threads(threads + 1)
+    plan = TrainingPlan.from_json(job["plan"])
+    with np.load(job["train"]) as data:
+        train = (data["x"], data["y"])
+    validation = None
+    if job["validation"]:
+        with np.load(job["validation"]) as data:
+            validation = (data["x"], data["y"])
+    started = time.time()
+    if job["mode"] == "single":
+        result = _train_single(plan, train, validation, work, job)
+    else:
+        result = _train_multi(plan, train, validation, work, job)
+    result.update(rank=job["rank"], threads=threads, host=job["host"], pid=os.getpid(),
+                  task_started=job["started"], started=started, ended=time.time(),
+                  rows=len(train[1]))
+    (work / "result.json").write_text(json.dumps(result))
+
+
+def _train_single(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
+                  validation: tuple[np.ndarray, np.ndarray] | None, work: Path,
+                  job: dict[str, Any]) -> dict[str, Any]:
+    from pipelines.ml.datasets import array_dataset
+    from pipelines.ml.models import steps
+    from pipelines.ml.training import prepare_work_dir, train_model
+
+    callbacks = []
+    if job["kill"]:
+        callbacks.append(_kill_callback(job["kill"], job["rank"]))
+    train_ds = array_dataset(*train, plan.batch_size, plan.num_classes, plan.seed,
+                             plan.spec.shift_pixels)
+    val_ds = array_dataset(*validation, plan.batch_size, plan.num_classes) if validation else None
+    state = work / "state"
+    prepare_work_dir(state, "single", resume=False)
+    result = train_model(plan, train_ds, val_ds, steps(len(train[1]), plan.batch_size), state,
+                         extra_callbacks=callbacks)
+    result.model.save(work / "model.keras")
+    return {"history": result.history, "best_epoch": result.best_epoch,
+            "fit_seconds": result.fit_seconds, "epoch_seconds": result.epoch_seconds,
+            "digest": weights_digest(result.model.get_weights()), "workers": 1}
+
+
+def _kill_callback(spec: str, rank: int) -> Any:
+    import keras
+
+    target, step = (int(v) for v in spec.split(":"))
+
+    class Kill(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.step = 0
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self.step += 1
+            if rank == target and self.step == step:
+                os._exit(137)
+
+    return Kill()
+
+
+def _per_example_loss(spec_loss: Any) -> Any:
+    import keras
+
+    loss = keras.losses.get(spec_loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss.call  # the unreduced per-example values
+    return loss
+
+
+def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
+                 validation: tuple[np.ndarray, np.ndarray] | None, work: Path,
+                 job: dict[str, Any]) -> dict[str, Any]:
+    import tensorflow as tf
+
+    from pipelines.ml.datasets import array_dataset
+    from pipelines.ml.training import build_model, seed_everything
+
+    rank, workers = job["rank"], job["num_workers"]
+    steps_per_epoch = job["steps_per_epoch"]
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING,
+        timeout_seconds=float(job["timeout_s"]))
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    seed_everything(plan)
+    with strategy.scope():
+        model = build_model(plan, steps_per_epoch)
+    # Outside the strategy, uncompiled (its optimizer never ran): validation and saving.
+    twin = build_model(plan, steps_per_epoch, compile=False)
+    optimizer = model.optimizer
+    loss_fn = _per_example_loss(plan.spec.loss)
+    global_batch = plan.batch_size
+    kill_rank, kill_step = (int(v) for v in job["kill"].split(":")) if job["kill"] else (-1, -1)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        local = context.get_per_replica_batch_size(global_batch)
+        return array_dataset(*train, local, plan.num_classes, plan.seed * 1009 + rank,
+                             plan.spec.shift_pixels).repeat()
+
+    iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
+
+    @tf.function
+    def train_step(it):
+        def step(images, labels):
+            with tf.GradientTape() as tape:
+                probs = model(images, training=True)
+                per_example = loss_fn(labels, probs)
+                loss = tf.nn.compute_average_loss(per_example)
+                if model.losses:
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            hits = tf.equal(tf.argmax(labels, axis=1), tf.argmax(probs, axis=1))
+            return (tf.reduce_sum(per_example), tf.reduce_sum(tf.cast(hits, tf.float32)),
+                    tf.cast(tf.shape(labels)[0], tf.float32))
+
+        images, labels = next(it)
+        totals = strategy.run(step, args=(images, labels))
+        # This worker's sums only: summed over the workers once per epoch (global_sum), not
+        # with three more collectives every step.
+        return tf.stack([strategy.experimental_local_results(t)[0] for t in totals])
+
+    # Batch-norm moving statistics are updated by each worker from its own batches. Their
+    # update is linear, so averaging them over the workers at each epoch end gives exactly the
+    # moving average of the workers' mean batch statistics, and identical models everywhere.
+    state = [v for v in model.non_trainable_variables if v.dtype in ("float32", "float64")]
+
+    @tf.function
+    def sync_state():
+        def average():
+            context = tf.distribute.get_replica_context()
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                       [tf.identity(v.value) for v in state])
+            for variable, mean in zip(state, means, strict=True):
+                variable.assign(mean)
+
+        strategy.run(average)
+
+    @tf.function
+    def global_sum(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    history: dict[str, list[float]] = {"loss": [], "top1": []}
+    monitor = plan.monitor if validation is not None else "loss"
+    pick_min = "loss" in monitor
+    best_value, best_weights, best_epoch, waited = None, None, None, 0
+    epoch_seconds: list[float] = []
+    fit_started = time.perf_counter()
+    step_count = 0
+    for epoch in range(plan.epochs):
+        epoch_started = time.perf_counter()
+        local = tf.zeros(3)
+        for _ in range(steps_per_epoch):
+            step_count += 1
+            if rank == kill_rank and step_count == kill_step:
+                os._exit(137)
+            local += train_step(iterator)
+        sums = global_sum(local).numpy().astype(float)
+        if state:
+            sync_state()
+        epoch_seconds.append(time.perf_counter() - epoch_started)
+        history["loss"].append(sums[0] / sums[2])
+        history["top1"].append(sums[1] / sums[2])
+        weights = model.get_weights()
+        if validation is not None:
+            twin.set_weights(weights)
+            for key, value in _evaluate(twin, loss_fn, validation, plan).items():
+                history.setdefault(f"val_{key}", []).append(value)
+        value = history[monitor][-1]
+        improved = best_value is None or (value < best_value if pick_min else value > best_value)
+        if improved:
+            best_value, best_weights, best_epoch, waited = value, weights, epoch + 1, 0
+        else:
+            waited += 1
+        logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
+                    {k: round(v[-1], 4) for k, v in history.items()}, epoch_seconds[-1])
+        stop = plan.patience is not None and waited >= plan.patience
+        if float(global_sum(tf.constant(1.0 if stop else 0.0))) > 0:
+            break
+    fit_seconds = time.perf_counter() - fit_started
+    final_digest = weights_digest(model.get_weights())
+    if rank == 0:
+        twin.set_weights(best_weights)
+        twin.save(work / "model.keras")
+    return {"history": history, "best_epoch": best_epoch, "fit_seconds": fit_seconds,
+            "epoch_seconds": epoch_seconds, "digest": final_digest, "workers": workers,
+            "steps_per_epoch": steps_per_epoch}
+
+
+def _evaluate(model: Any, loss_fn: Any, data: tuple[np.ndarray, np.ndarray],
+              plan: TrainingPlan) -> dict[str, float]:
+    """Mean loss and top-1 of a plain (non-distributed) model over in-memory images."""
+    import tensorflow as tf
+
+    from pipelines.ml.datasets import array_dataset
+
+    predict = tf.function(lambda x: model(x, training=False))
+    loss_sum, hits, count = 0.0, 0.0, 0
+    for images, onehot in array_dataset(*data, plan.batch_size, plan.num_classes):
+        probs = predict(images)
+        loss_sum += float(tf.reduce_sum(loss_fn(onehot, probs)))
+        hits += float(tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(onehot, axis=1), tf.argmax(probs, axis=1)), tf.float32)))
+        count += int(onehot.shape[0])
+    return {"loss": loss_sum / count, "top1": hits / count}
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _worker_main(Path(sys.argv[1]))

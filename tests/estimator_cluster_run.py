@@ -1,0 +1,156 @@
+"""Scenarios for tests/test_estimator_cluster.py, run in a fresh process on a local-cluster.
+
+Usage: python tests/estimator_cluster_run.py OUT.json
+
+One SparkSession (``local-cluster[2,1,1024]``: two executor JVMs of one core each) for every
+scenario, so Spark and the executors start once. Each scenario records what the tests assert on
+in OUT.json: fit results, digests, accuracies, task times, errors and how long they took.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: A small CNN with batch normalisation (its moving statistics must agree across workers too).
+TINY = {
+    "input_shape": [28, 28, 1],
+    "layers": [
+        {"Conv2D": {"filters": 4, "kernel_size": 3}},
+        {"BatchNormalization": {}},
+        {"ReLU": {}},
+        {"MaxPooling2D": {"pool_size": 4}},
+        {"Flatten": {}},
+        {"Dense": {"units": 10, "activation": "softmax"}},
+    ],
+    "learning_rate": 0.01,
+    "shift_pixels": 1,
+    "batch_size": 32,
+    "epochs": 2,
+}
+
+
+def blocks(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Digits 0-9 drawn as a bright block at a place per label, on noise: easy to learn."""
+    rng = np.random.default_rng(seed)
+    images = (rng.integers(0, 64, (n, 28, 28))).astype(np.uint8)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    for i, label in enumerate(labels):
+        row, col = divmod(int(label), 5)
+        images[i, 4 + row * 10:12 + row * 10, 1 + col * 5:5 + col * 5] = 255
+    return images, labels
+
+
+def top1(model, frame) -> float:
+    scored = model.transform(frame).select("label", "prediction").collect()
+    return float(np.mean([r.label == r.prediction for r in scored]))
+
+
+def main(out_path: str) -> None:
+    sys.path[:0] = [str(ROOT)]
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # The executors' Python workers (and their training processes) import this checkout.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    from pyspark.ml.evaluation import MulticlassClassificationEvaluator
+    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder
+    from pyspark.sql import SparkSession
+    from pyspark.sql import functions as F
+
+    from pipelines.ml.classifier import KerasImageClassifier
+    from pipelines.ml.distributed import KILL_PROPERTY
+    from pipelines.ml.estimator import KerasImageEstimator
+    from pipelines.stages.ingest import mnist_frame
+    from pipelines.stages.mnist import MnistArrays
+
+    spark = (SparkSession.builder.master("local-cluster[2,1,1024]")
+             .appName("estimator-cluster-tests")
+             .config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false")
+             .config("spark.sql.shuffle.partitions", "2")
+             .getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    train_x, train_y = blocks(500, 1)
+    test_x, test_y = blocks(200, 2)
+    frame = mnist_frame(spark, MnistArrays(train_x, train_y, test_x, test_y), 100).cache()
+    labelled = frame.where("split != 'test'").withColumn(
+        "is_validation", F.col("split") == "validation")
+    test = frame.where("split = 'test'")
+    models = Path(out_path).parent / "models"
+    record: dict = {"executors": spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()}
+
+    def estimator(**params):
+        base = {"architecture": TINY, "validationIndicatorCol": "is_validation", "seed": 3,
+                "modelDir": str(models), "timeoutSeconds": 60.0}
+        return KerasImageEstimator(**{**base, **params})
+
+    def scenario(name, fn):
+        started = time.time()
+        try:
+            record[name] = fn()
+        except Exception as exc:
+            record[name] = {"error": f"{type(exc).__name__}: {exc}",
+                            "traceback": traceback.format_exc()[-4000:]}
+        record[name]["seconds"] = time.time() - started
+
+    def two_workers():
+        model = estimator(numWorkers=2).fit(labelled)
+        path = str(models / "saved-classifier")
+        model.write().overwrite().save(path)
+        loaded = KerasImageClassifier.load(path)
+        before = [r.probability.toArray().tolist() for r in
+                  model.transform(test).orderBy("id").select("probability").collect()]
+        after = [r.probability.toArray().tolist() for r in
+                 loaded.transform(test).orderBy("id").select("probability").collect()]
+        summary = model.trainingSummary
+        return {"digests": summary["digests"], "history": summary["history"],
+                "top1": top1(model, test), "model_path": model.getModelPath(),
+                "loaded_uid_equal": loaded.uid == model.uid,
+                "loaded_params_equal": loaded.extractParamMap() == model.extractParamMap(),
+                "probabilities_equal": before == after, "rows": len(before)}
+
+    def driver():
+        model = estimator(numWorkers=0).fit(labelled)
+        return {"top1": top1(model, test), "history": model.trainingSummary["history"]}
+
+    def cross_validation():
+        est = estimator(numWorkers=1, epochs=1)
+        grid = ParamGridBuilder().addGrid(est.learningRate, [0.01, 0.003]).build()
+        evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
+        cv = CrossValidator(estimator=est, estimatorParamMaps=grid, evaluator=evaluator,
+                            numFolds=2, parallelism=2, collectSubModels=True, seed=1)
+        fitted = cv.fit(labelled.where(~F.col("is_validation")))
+        folds = [[{k: m.trainingSummary[k] for k in ("started", "ended", "pid", "host")}
+                  for m in fold] for fold in fitted.subModels]
+        learning_rates = [[m.trainingSummary["plan"]["spec"]["learning_rate"] for m in fold]
+                          for fold in fitted.subModels]
+        return {"folds": folds, "learning_rates": learning_rates,
+                "metrics": list(fitted.avgMetrics),
+                "best_top1": top1(fitted.bestModel, test)}
+
+    def killed_worker():
+        spark.sparkContext.setLocalProperty(KILL_PROPERTY, "1:3")
+        try:
+            estimator(numWorkers=2, epochs=3).fit(labelled)
+            return {"error": None}
+        finally:
+            spark.sparkContext.setLocalProperty(KILL_PROPERTY, None)
+
+    scenario("two_workers", two_workers)
+    scenario("driver", driver)
+    scenario("cross_validation", cross_validation)
+    scenario("killed_worker", killed_worker)
+    Path(out_path).write_text(json.dumps(record, indent=2))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

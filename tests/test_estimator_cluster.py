@@ -1,0 +1,74 @@
+"""KerasImageEstimator on a two-executor local-cluster: multi-worker training, tuning in
+parallel, a killed worker, save/load/score.
+
+The scenarios run in one fresh process (``tests/estimator_cluster_run.py``): a local-cluster
+needs its own SparkContext, and this suite's session fixture is ``local[2]``. The data is an
+easy 10-class task (a bright block per label on noise, 400 train / 100 validation / 200 test
+images), so driver and multi-worker training both reach (near) 100 % and can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("estimator-cluster") / "out.json"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "estimator_cluster_run.py"),
+                           str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _ok(result: dict) -> dict:
+    assert "error" not in result, result.get("traceback", result)
+    return result
+
+
+pytestmark = pytest.mark.cluster
+
+
+def test_two_worker_fit_ends_with_identical_weights_and_matches_driver_training(record):
+    assert record["executors"] == 3  # the driver's block manager + two executor JVMs
+    two, driver = _ok(record["two_workers"]), _ok(record["driver"])
+    assert len(two["digests"]) == 2 and two["digests"][0] == two["digests"][1]
+    assert len(two["history"]["val_loss"]) == 2  # validated every epoch
+    assert abs(two["top1"] - driver["top1"]) <= 0.003
+    assert two["top1"] >= 0.95 and driver["top1"] >= 0.95
+
+
+def test_fitted_model_saves_loads_and_scores_the_same(record):
+    two = _ok(record["two_workers"])
+    assert Path(two["model_path"]).is_file()
+    assert two["loaded_uid_equal"] and two["loaded_params_equal"]
+    assert two["rows"] == 200 and two["probabilities_equal"]
+
+
+def test_cross_validator_fits_its_candidates_concurrently_on_the_executors(record):
+    cv = _ok(record["cross_validation"])
+    assert cv["learning_rates"] == [[0.01, 0.003], [0.01, 0.003]]
+    for first, second in cv["folds"]:  # two folds, two candidates each
+        assert first["started"] < second["ended"] and second["started"] < first["ended"]
+        assert first["pid"] != second["pid"]
+    # One epoch on 200 rows per fold: the candidates differ, the better one well above chance.
+    assert len(cv["metrics"]) == 2 and cv["metrics"][0] != cv["metrics"][1]
+    assert max(cv["metrics"]) >= 0.5
+    assert cv["best_top1"] >= 0.8
+
+
+def test_a_worker_killed_mid_training_fails_the_fit_with_a_clear_error(record):
+    killed = record["killed_worker"]
+    assert killed["error"] is not None
+    assert "TrainingWorkerError" in killed["error"]
+    assert "training worker 1 of 2 exited with code 137 (killed)" in killed["error"]
+    assert killed["seconds"] < 180  # an error, not a wait for the collective timeout or a hang
