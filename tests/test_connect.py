@@ -25,7 +25,7 @@ def test_stages_and_sql_udf_work_on_a_spark_connect_session(tmp_path):
          "no:cacheprovider", f"--basetemp={tmp_path / 'child'}", "-rA"],
         cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=600,
     )
-    report = result.stdout[-6000:] + result.stderr[-3000:]
+    report = result.stdout[:12000] + result.stdout[-2000:] + result.stderr[-2000:]
     assert result.returncode == 0, report
     assert "5 passed" in result.stdout, report
 
