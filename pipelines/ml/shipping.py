@@ -40,6 +40,8 @@ from urllib.parse import urlparse
 
 from pyspark.sql import SparkSession
 
+from pipelines.io.task_files import temp_name, write_local_atomic
+
 logger = logging.getLogger(__name__)
 
 #: Largest file (bytes) that travels inside the pickled function instead of being read by the
@@ -93,20 +95,20 @@ class ModelFile:
                 )
             return path
         target = os.path.join(CACHE_DIR, f"{self.digest[:24]}-{self.basename}")
-        if not os.path.isfile(target):
+        if os.path.isfile(target):
+            return target
+        if self.data is not None:
+            write_local_atomic(target, self.data)
+        else:  # streamed to a temporary sibling, renamed when complete
             os.makedirs(CACHE_DIR, exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
+            tmp = temp_name(target, str(os.getpid()))
             try:
-                if self.data is not None:
-                    with open(tmp, "wb") as fh:
-                        fh.write(self.data)
-                else:
-                    _download(self.uri, tmp)
+                _download(self.uri, tmp)
                 os.replace(tmp, target)
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-            logger.info("materialised %s as %s", self.name, target)
+        logger.info("materialised %s as %s", self.name, target)
         return target
 
 
