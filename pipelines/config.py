@@ -212,6 +212,9 @@ class TransferConfig(Section):
     batch_size: int = Field(default=64, ge=1)
     #: TensorFlow intra-op threads per Python worker; 0 = TensorFlow's default (all cores).
     threads: int = Field(default=0, ge=0)
+    #: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where the worker's CPU has AMX or
+    #: AVX512-BF16, or on a GPU); features are float32 either way.
+    precision: Literal["float32", "bfloat16", "auto"] = "auto"
     #: Partitions featurized in parallel (each holds one model per Python worker).
     partitions: int = Field(default=2, ge=1)
     #: Rows per Arrow batch for the featurizer's UDFs (bounds worker memory: one 299x299 tensor
@@ -351,6 +354,9 @@ class ScoreConfig(Section):
     splits: list[str] | None = Field(default_factory=lambda: ["test"])
     output: str = "{output_root}/scores"
     batch_size: int = Field(default=256, ge=1)
+    #: ``float32``, ``bfloat16`` or ``auto`` (see ``transfer.precision``). float32 by default:
+    #: bfloat16 pays for large backbones, not for a small CNN.
+    precision: Literal["float32", "bfloat16", "auto"] = "float32"
     #: Pixel values in [0, 255] are multiplied by this before the model (1/255 -> [0, 1]).
     scale: float = 1.0 / 255.0
     #: Resampling used when image size differs from the model input.

@@ -14,6 +14,7 @@ from pipelines.io.idx import write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONF = ROOT / "conf" / "test.yaml"
+MOBILENET_SIZE = 32  # MobileNetV2's Keras minimum: fast to build and run
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +67,25 @@ def mnist_files():
 
     config = load_config(TEST_CONF, [f"mnist.cache_dir={ROOT / 'data' / 'mnist'}"])
     return fetch_mnist(config.mnist)
+
+
+@pytest.fixture(scope="session")
+def mobilenet(tmp_path_factory):
+    """A MobileNetV2 (32x32) with seeded He-scaled random kernels, and its weights as a file.
+
+    Keras' default random init makes MobileNetV2's pooled features ~1e-13 (activations vanish
+    through 50 layers), which would make any comparison pass; He-scaled kernels keep them O(1).
+    """
+    from pipelines.ml.models import build_application
+
+    model = build_application("MobileNetV2", MOBILENET_SIZE, "none")
+    rng = np.random.default_rng(0)
+    for weight in model.weights:
+        if "kernel" not in weight.path:
+            continue
+        shape = tuple(weight.shape)
+        fan_in = shape[0] * shape[1] if "depthwise" in weight.path else int(np.prod(shape[:-1]))
+        weight.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
+    model.save_weights(str(path))
+    return model, str(path)

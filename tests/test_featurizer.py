@@ -10,6 +10,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import MOBILENET_SIZE as SIZE
 from conftest import make_digits
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
@@ -24,28 +25,7 @@ from pipelines.ml.inference import to_batch
 from pipelines.ml.models import build_application, preprocess_fn
 from pipelines.ml.predictor import DeepImagePredictor, register_keras_image_udf
 
-SIZE = 32  # MobileNetV2's Keras minimum: fast to build and run
 TOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def mobilenet(tmp_path_factory):
-    """A MobileNetV2 (32x32) with seeded He-scaled random kernels, and its weights as a file.
-
-    Keras' default random init makes MobileNetV2's pooled features ~1e-13 (activations vanish
-    through 50 layers), which would make any comparison pass; He-scaled kernels keep them O(1).
-    """
-    model = build_application("MobileNetV2", SIZE, "none")
-    rng = np.random.default_rng(0)
-    for weight in model.weights:
-        if "kernel" not in weight.path:
-            continue
-        shape = tuple(weight.shape)
-        fan_in = shape[0] * shape[1] if "depthwise" in weight.path else int(np.prod(shape[:-1]))
-        weight.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), shape).astype(np.float32))
-    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_32.weights.h5"
-    model.save_weights(str(path))
-    return model, str(path)
 
 
 @pytest.fixture(scope="module")

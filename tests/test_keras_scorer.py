@@ -93,7 +93,7 @@ def test_scores_encoded_png_bytes_and_nulls_undecodable_ones(spark, digits, mode
 
 
 def test_missing_and_corrupt_model_files_are_clear_errors(images, tmp_path):
-    with pytest.raises(FileNotFoundError, match="Received: modelPath=.*missing.keras"):
+    with pytest.raises(ValueError, match="not found on the driver. Received: modelPath=.*missing.keras"):
         KerasImageClassifier(modelPath=str(tmp_path / "missing.keras")).transform(images)
     corrupt = tmp_path / "corrupt.keras"
     corrupt.write_bytes(b"PK\x03\x04 this is not a Keras archive")

@@ -84,18 +84,23 @@ def test_classifier_reads_the_model_file_once_and_builds_it_once(
     path = tmp_path / "cached.keras"
     model.save(str(path))
     staged = []
-    real_stage = classifier_module.stage_model
-    monkeypatch.setattr(classifier_module, "stage_model",
-                        lambda spark, p, *args: staged.append(p) or real_stage(spark, p, *args))
+    real_ship = classifier_module.ship_file
+    monkeypatch.setattr(classifier_module, "ship_file",
+                        lambda spark, p, *args: staged.append(p) or real_ship(spark, p, *args))
+    real_load = classifier_module.load_model_file
+    loaded = []
+    monkeypatch.setattr(classifier_module, "load_model_file",
+                        lambda p, **kw: loaded.append(kw.get("shown")) or real_load(p, **kw))
     scorer = KerasImageClassifier(modelPath=str(path), batchSize=4)
     with build_log(spark, tmp_path / "builds.jsonl") as builds:
         scorer.transform(images).collect()
         scorer.setBatchSize(3).transform(images).collect()
         assert len(builds()) == 1
-    assert staged == [str(path)]  # the driver read, hashed and loaded the file once
+    assert staged == [str(path)] * 2  # asked twice, but read and hashed once (shipping)
+    assert loaded == [str(path)]  # and loaded on the driver once
 
     keras.utils.set_random_seed(2)
     model.layers[-1].set_weights([w + 1 for w in model.layers[-1].get_weights()])
     model.save(str(path))  # a new version of the same path is read again
     scorer.transform(images).collect()
-    assert staged == [str(path), str(path)]
+    assert loaded == [str(path), str(path)]

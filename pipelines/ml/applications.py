@@ -13,7 +13,7 @@ Weights (``weights`` argument):
   random network are not a transfer-learning result).
 * a path to a local weights file (``.weights.h5``, or a legacy ``.h5`` as Keras publishes them).
   Cluster paths and URLs are made local by the caller first (see
-  :func:`pipelines.ml.featurizer.ship_weights`).
+  :mod:`pipelines.ml.shipping`).
 """
 
 from __future__ import annotations

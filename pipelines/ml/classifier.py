@@ -1,11 +1,13 @@
 """KerasImageClassifier: a saved Keras classifier applied to an image column on the executors.
 
-The ``.keras`` or ``.h5`` file named by ``modelPath`` (a local path or any URI Spark reads:
-``hdfs://``, ``s3a://``, ...) is shipped to the workers with ``SparkContext.addFile`` under a name
-derived from its content, and loaded once per Python worker with Keras ``safe_mode=True`` (no
-code in the file is ever run), kept in the worker's model cache by that content digest
-(:mod:`pipelines.ml.model_cache`). The driver reads and loads it once per file version, to check
-it and read its input shape; later ``transform`` calls of the same unchanged file reuse that.
+The ``.keras`` or ``.h5`` file named by ``modelPath`` (a local path, a URI fsspec reads such as
+``hdfs://`` or ``s3a://``, or a URL) reaches the workers as :mod:`pipelines.ml.shipping` says
+(inside the UDF up to 32 MiB, else read by the workers from where it is), on a classic or a
+Spark Connect session alike. It is loaded once per Python worker with Keras ``safe_mode=True``
+(no code in the file is ever run), in the ``precision`` asked for, and kept in the worker's
+model cache by its content digest (:mod:`pipelines.ml.model_cache`). The driver reads and loads
+it once per file version, to check it and read its input shape; later ``transform`` calls of
+the same unchanged file reuse that.
 
 Input: Spark's image struct or encoded image bytes (``binaryFile``'s ``content``). One
 ``predict_batch_udf`` (:func:`~pipelines.ml.inference.image_predict_udf`) gets the images and
@@ -20,16 +22,12 @@ cannot be decoded fail the query, are dropped, or get nulls in both (``handleInv
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pyspark import SparkFiles, keyword_only
+from pyspark import keyword_only
 from pyspark.ml import Transformer
 from pyspark.ml.functions import array_to_vector
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -47,7 +45,7 @@ from pipelines.ml.inference import (
     input_kind,
     when_valid,
 )
-from pipelines.ml.keras_files import image_input_shape, load_model_file, model_format, shape_of
+from pipelines.ml.keras_files import image_input_shape, load_model_file, shape_of
 from pipelines.ml.model_cache import get_or_build, model_key
 from pipelines.ml.params import (
     FunctionParamsWritable,
@@ -60,15 +58,13 @@ from pipelines.ml.params import (
     function_or_none,
     non_empty_string,
 )
+from pipelines.ml.precision import HasPrecision, log_precision, worker_precision
+from pipelines.ml.shipping import ModelFile, ship_file
 
 logger = logging.getLogger(__name__)
 
-#: Model files already given to ``addFile``, by application id (a cache, not configuration).
-_SHIPPED: dict[str, set[str]] = {}
-
-
 class KerasImageClassifierParams(HasInputCol, HasProbabilityCol, HasPredictionCol,
-                                 HasHandleInvalid, HasBatchSize, HasScaleHint):
+                                 HasHandleInvalid, HasBatchSize, HasScaleHint, HasPrecision):
     modelPath: Param[str] = Param(
         Params._dummy(), "modelPath", "the .keras or .h5 model file (path or URI)",
         typeConverter=non_empty_string("modelPath", allowed_empty=True),
@@ -133,6 +129,9 @@ class KerasImageClassifier(Transformer, KerasImageClassifierParams, DefaultParam
         scaleHint: resampling when the image size differs from the model input (``bilinear``;
             sparkdl's ``SCALE_*`` names too).
         handleInvalid: ``"error"`` (default), ``"skip"`` or ``"keep"`` (null outputs).
+        precision: ``"float32"`` (default), ``"bfloat16"`` or ``"auto"`` (see
+            :mod:`pipelines.ml.precision`); the output layer stays float32 and the outputs are
+            float32 in every case.
     """
 
     @keyword_only
@@ -140,7 +139,7 @@ class KerasImageClassifier(Transformer, KerasImageClassifierParams, DefaultParam
                  probabilityCol: str | None = None, predictionCol: str | None = None,
                  batchSize: int | None = None, scale: float | None = None,
                  preprocessor: Any = None, scaleHint: str | None = None,
-                 handleInvalid: str | None = None):
+                 handleInvalid: str | None = None, precision: str | None = None):
         super().__init__()
         self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None})
 
@@ -149,7 +148,7 @@ class KerasImageClassifier(Transformer, KerasImageClassifierParams, DefaultParam
                   probabilityCol: str | None = None, predictionCol: str | None = None,
                   batchSize: int | None = None, scale: float | None = None,
                   preprocessor: Any = None, scaleHint: str | None = None,
-                  handleInvalid: str | None = None):
+                  handleInvalid: str | None = None, precision: str | None = None):
         return self._set(**{k: v for k, v in self._input_kwargs.items() if v is not None})
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
@@ -168,9 +167,10 @@ class KerasImageClassifier(Transformer, KerasImageClassifierParams, DefaultParam
             )
         logger.info("scoring %r with %s (input %sx%sx%s, %s outputs, batch %s)",
                     column, path, height, width, channels, out_shape[1], self.getBatchSize())
-        scored = _predict_udf(prepared.file_name, kind, (height, width, channels),
+        log_precision(self.getPrecision(), "KerasImageClassifier")
+        scored = _predict_udf(prepared.model_file, kind, (height, width, channels),
                               float(self.getScale()), self.getPreprocessor(),
-                              self.getBatchSize(), self.getResizeMethod())
+                              self.getBatchSize(), self.getResizeMethod(), self.getPrecision())
         tmp = f"__keras_scorer_{self.uid}"
         out = dataset.withColumn(tmp, scored(*image_inputs(column, kind)))
         out = apply_handle_invalid(out, tmp, column, self.getHandleInvalid())
@@ -188,13 +188,28 @@ OUTPUTS = StructType([
 ])
 
 
-def file_model_loader(file_name: str):
-    """Worker side: load the shipped model ``file_name``, once per worker (model cache)."""
+def file_model_loader(model_file: ModelFile):
+    """Worker side: load the model file, once per worker (model cache), in float32."""
 
     def load():
-        return load_model_file(SparkFiles.get(file_name), shown=file_name)
+        return load_model_file(model_file.local_path(), shown=model_file.name)
 
-    return lambda: get_or_build(model_key("file", digest=file_name), load)
+    return lambda: get_or_build(model_key("file", digest=model_file.digest), load)
+
+
+def file_forward_loader(model_file: ModelFile, precision: str):
+    """Worker side: the file's model in ``precision`` as a forward pass traced once
+    (:func:`~pipelines.ml.models.predict_function`), once per worker (model cache)."""
+
+    def load():
+        from pipelines.ml.models import predict_function, with_precision
+
+        model = load_model_file(model_file.local_path(), shown=model_file.name)
+        return predict_function(with_precision(model, worker_precision(precision),
+                                               model_file.name))
+
+    key = model_key("file", digest=model_file.digest, precision=precision, traced=True)
+    return lambda: get_or_build(key, load)
 
 
 def batch_preprocessor(preprocessor: Any, scale: float):
@@ -208,17 +223,17 @@ def batch_preprocessor(preprocessor: Any, scale: float):
     return lambda batch: np.multiply(batch, np.float32(scale), dtype=np.float32)
 
 
-def _predict_udf(file_name: str, kind: InputKind, shape: tuple[int, int, int], scale: float,
-                 preprocessor: Any, batch_size: int, method: str):
+def _predict_udf(model_file: ModelFile, kind: InputKind, shape: tuple[int, int, int],
+                 scale: float, preprocessor: Any, batch_size: int, method: str, precision: str):
     """The ``predict_batch_udf``; its closure holds plain values only (no ``self``)."""
-    load = file_model_loader(file_name)
+    load = file_forward_loader(model_file, precision)
 
     def make_predict_fn():
-        model = load()
+        forward = load()
         preprocess = batch_preprocessor(preprocessor, scale)
 
         def predict(images: np.ndarray) -> dict[str, np.ndarray]:
-            outputs = np.asarray(model.predict_on_batch(preprocess(images)), dtype=np.float32)
+            outputs = forward(preprocess(images))
             return {"probability": outputs, "prediction": outputs.argmax(axis=1).astype(np.int32)}
 
         return predict
@@ -228,93 +243,28 @@ def _predict_udf(file_name: str, kind: InputKind, shape: tuple[int, int, int], s
 
 @dataclass(frozen=True)
 class PreparedModel:
-    """A model file shipped to the executors, and its shapes as read on the driver."""
+    """A model file as the workers get it, and its shapes as read on the driver."""
 
-    file_name: str
+    model_file: ModelFile
     input_shape: tuple
     output_shape: tuple
 
 
-#: (application, modelPath, its size and modification time) -> the prepared model.
-_PREPARED: dict[tuple, PreparedModel] = {}
+#: Model file digest -> its shapes: each version is loaded on the driver once.
+_SHAPES: dict[str, tuple[tuple, tuple]] = {}
 
 
 def prepared_model(spark: SparkSession, path: str, param: str = "modelPath") -> PreparedModel:
-    """:func:`stage_model` and the shapes of ``path``, done once per file version.
-
-    A later ``transform`` of the same unchanged file (same size and modification time) reads,
-    hashes and loads nothing on the driver.
-    """
-    stamp = _file_stamp(spark, path)
-    key = (spark.sparkContext.applicationId, path, stamp)
-    if stamp is None or key not in _PREPARED:
-        local, file_name = stage_model(spark, path, param)
-        model = load_model_file(local, shown=path, param=param)
-        _PREPARED[key] = PreparedModel(file_name, shape_of(model.input_shape),
-                                       shape_of(model.output_shape))
-    return _PREPARED[key]
-
-
-def _file_stamp(spark: SparkSession, path: str) -> tuple[int, int] | None:
-    """(size, modification time) of the model file; None when it cannot be read."""
-    if not path:
-        return None
-    if "://" not in path or path.startswith("file:"):
-        local = Path(path.removeprefix("file://").removeprefix("file:"))
-        if not local.is_file():
-            return None
-        stat = local.stat()
-        return stat.st_size, stat.st_mtime_ns
-    from pipelines.io.storage import Storage
-
-    info = Storage(spark).stat(path)
-    return None if info is None else (int(info["bytes"]), int(info["mtime"]))
-
-
-def stage_model(spark: SparkSession, path: str, param: str = "modelPath") -> tuple[str, str]:
-    """Copy the model to a driver-local file named after its content and ``addFile`` it.
-
-    Returns (local path, file name for ``SparkFiles.get``). Content naming lets several models
-    called ``model.keras`` be used in one session and re-registers nothing already shipped.
+    """The model file as the workers get it (:func:`~pipelines.ml.shipping.ship_file`: read and
+    hashed once per file version) and its shapes (loaded on the driver once per content).
 
     Raises:
-        FileNotFoundError: nothing at ``path``.
-        ValueError: ``path`` is empty or not a ``.keras`` (zip) or ``.h5`` (HDF5) file.
+        ValueError: ``path`` is empty or missing, or not a loadable ``.keras``/``.h5`` model.
     """
     if not path:
         raise ValueError(f"{param} is not set. Received: {param}=''")
-    data = _read_model_bytes(spark, path, param)
-    extension = model_format(data[:8])
-    if extension is None:
-        raise ValueError(
-            f"{param} must be a Keras model saved as .keras (zip) or .h5 (HDF5). "
-            f"Received: {param}={path!r}"
-        )
-    digest = hashlib.sha256(data).hexdigest()[:16]
-    file_name = f"keras-model-{digest}{extension}"
-    local = Path(tempfile.gettempdir()) / "pipelines-keras-models" / file_name
-    if not local.exists():
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.replace(local)
-    context = spark.sparkContext
-    shipped = _SHIPPED.setdefault(context.applicationId, set())
-    if file_name not in shipped:  # Spark refuses to re-add a path; skip its warning too
-        context.addFile(str(local))
-        shipped.add(file_name)
-    return str(local), file_name
-
-
-def _read_model_bytes(spark: SparkSession, path: str, param: str) -> bytes:
-    if "://" not in path or path.startswith("file:"):
-        local = Path(path.removeprefix("file://").removeprefix("file:"))
-        if not local.is_file():
-            raise FileNotFoundError(f"no model file at {param}. Received: {param}={path!r}")
-        return local.read_bytes()
-    from pipelines.io.storage import Storage
-
-    storage = Storage(spark)
-    if not storage.exists(path):
-        raise FileNotFoundError(f"no model file at {param}. Received: {param}={path!r}")
-    return storage.read_bytes(path)
+    model_file = ship_file(spark, path, param, "the model")
+    if model_file.digest not in _SHAPES:
+        model = load_model_file(model_file.local_path(), shown=path, param=param)
+        _SHAPES[model_file.digest] = shape_of(model.input_shape), shape_of(model.output_shape)
+    return PreparedModel(model_file, *_SHAPES[model_file.digest])

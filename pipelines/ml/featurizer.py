@@ -33,11 +33,9 @@ images (a 12-megapixel JPEG decodes to 36 MB) set it to a few hundred (the trans
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 from pyspark import keyword_only
@@ -73,12 +71,14 @@ from pipelines.ml.params import (
     to_model_name,
     to_weights,
 )
+from pipelines.ml.precision import HasPrecision, log_precision, worker_precision
+from pipelines.ml.shipping import ModelFile, ship_weights
 
 logger = logging.getLogger(__name__)
 
 
 class DeepImageParams(HasInputCol, HasOutputCol, HasHandleInvalid, HasBatchSize, HasScaleHint,
-                      HasThreads):
+                      HasThreads, HasPrecision):
     """Params shared by :class:`DeepImageFeaturizer` and ``DeepImagePredictor``."""
 
     modelName: Param[str] = Param(
@@ -131,15 +131,18 @@ class ModelRun:
 
     model_name: str
     size: int
-    #: ``"imagenet"``, ``"none"``, a local path, or a file name shipped with ``addFile``.
+    #: ``"imagenet"``, ``"none"``, or the weights file as the user named it.
     weights: str
-    weights_shipped: bool
+    #: The weights file as the workers get it (None for ``imagenet``/``none``).
+    weights_file: ModelFile | None
     batch_size: int
     threads: int
     method: str
     handle_invalid: str
     #: ``avg``, ``max`` or ``none`` (ignored with the classifier head).
     pooling: str = "avg"
+    #: As requested (``auto`` is decided on each worker, for its own CPU).
+    precision: str = "float32"
 
 
 def describe_weights(weights: str) -> str:
@@ -154,8 +157,8 @@ def describe_weights(weights: str) -> str:
 def resolve_run(
     stage: DeepImageParams, spark: SparkSession, include_top: bool = False, pooling: str = "avg"
 ) -> ModelRun:
-    """Check the Params of ``stage`` that depend on each other, and ship a weights file to the
-    executors if needed (each Param alone was checked when it was set).
+    """Check the Params of ``stage`` that depend on each other, and decide how a weights file
+    reaches the workers (:mod:`pipelines.ml.shipping`; each Param alone was checked when set).
 
     Raises:
         ValueError: the input size does not fit the model, or the weights file is missing;
@@ -168,87 +171,21 @@ def resolve_run(
             f"the ImageNet classifier of {spec.name} needs its native input size "
             f"{spec.native_size}. Received: inputSize={stage.getInputSize()}"
         )
-    weights, shipped = ship_weights(spark, stage.getWeights(), spec.name)
-    return ModelRun(spec.name, size, weights, shipped, stage.getBatchSize(), stage.getThreads(),
-                    stage.getResizeMethod(), stage.getHandleInvalid(), pooling)
-
-
-def ship_weights(
-    spark: SparkSession, weights: str, owner: str, param: str = "weights"
-) -> tuple[str, bool]:
-    """Make a weights (or model) file reachable from every Python worker.
-
-    ``imagenet``/``none`` pass through. A local file under a ``local[*]`` master is used in
-    place. Anything else (``hdfs://``, ``s3a://``, ``http(s)://``, a driver-local file on a
-    cluster) goes through ``SparkContext.addFile``: Spark copies it once to every executor, and
-    workers open it with ``SparkFiles.get(name)``.
-
-    Returns:
-        (what executors open, whether it is a ``SparkFiles`` name).
-
-    Raises:
-        ValueError: the file does not exist, or another file of the same name was shipped.
-    """
-    if weights in ("imagenet", "none"):
-        return weights, False
-    if not weights:
-        raise ValueError(
-            f"{param} for {owner} must be 'imagenet', 'none' or a path/URL. Received: {param}=''"
-        )
-    scheme = urlparse(weights).scheme
-    local = scheme in ("", "file")
-    if local:
-        path = weights[len("file://"):] if weights.startswith("file://") else weights
-        path = os.path.abspath(os.path.expanduser(path))
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{param} file for {owner} not found on the driver. "
-                f"Received: {param}={weights!r}"
-            )
-        if spark.sparkContext.master.startswith("local"):
-            return path, False
-        weights = path
-    elif scheme not in ("http", "https", "ftp"):
-        from pipelines.io.storage import Storage
-
-        if not Storage(spark).exists(weights):
-            raise ValueError(
-                f"{param} file for {owner} not found. Received: {param}={weights!r}"
-            )
-    name = os.path.basename(urlparse(weights).path.rstrip("/"))
-    sc = spark.sparkContext
-    for added in sc.listFiles:
-        if os.path.basename(urlparse(added).path) == name and not _same_file(added, weights):
-            raise ValueError(
-                f"another file named {name!r} was already shipped to the executors ({added}); "
-                f"give the {param} file for {owner} a distinct name. "
-                f"Received: {param}={weights!r}"
-            )
-    sc.addFile(weights)
-    logger.info("shipping %s to the executors for %s", weights, owner)
-    return name, True
-
-
-def _same_file(added: str, weights: str) -> bool:
-    return urlparse(added).path == urlparse(weights).path or added == weights
-
-
-def local_path(source: str, shipped: bool) -> str:
-    """Executor side: the local path (or keyword) of what :func:`ship_weights` returned."""
-    if not shipped:
-        return source
-    from pyspark import SparkFiles
-
-    return SparkFiles.get(source)
+    weights = stage.getWeights()
+    weights_file = ship_weights(spark, weights, spec.name)
+    return ModelRun(spec.name, size, weights, weights_file, stage.getBatchSize(),
+                    stage.getThreads(), stage.getResizeMethod(), stage.getHandleInvalid(),
+                    pooling, stage.getPrecision())
 
 
 def application_key(run: ModelRun, include_top: bool) -> tuple:
     """What defines the network of ``run`` (see :mod:`pipelines.ml.model_cache`): not the batch
     size, threads, resize method or invalid-row handling, which change no weight."""
     return model_key(
-        "application", name=run.model_name, size=run.size, weights=run.weights,
-        weights_file=_file_stamp(run), include_top=include_top,
-        pooling=None if include_top else run.pooling,
+        "application", name=run.model_name, size=run.size,
+        weights=run.weights if run.weights_file is None else run.weights_file.digest,
+        include_top=include_top, pooling=None if include_top else run.pooling,
+        precision=run.precision,
     )
 
 
@@ -259,26 +196,33 @@ def make_predict_fn(
 
     The predict function takes uint8 RGB batches and returns ``{"values": model output}``
     (features, flattened, or class probabilities), or with ``include_top`` and ``top_k > 0``
-    the top-K class ``{"indices": ..., "probabilities": ...}`` per image. The model comes from
-    the worker's cache (:func:`~pipelines.ml.model_cache.get_or_build`), keyed by
+    the top-K class ``{"indices": ..., "probabilities": ...}`` per image. The model and its
+    forward pass, traced once (:func:`~pipelines.ml.models.predict_function`), come from the
+    worker's cache (:func:`~pipelines.ml.model_cache.get_or_build`), keyed by
     :func:`application_key`.
     """
     key = application_key(run, include_top)
 
     def make() -> BatchPredict:
-        from pipelines.ml.models import build_application, limit_threads, preprocess_fn
+        from pipelines.ml.models import (
+            build_application,
+            limit_threads,
+            predict_function,
+            preprocess_fn,
+        )
 
         def build():
             limit_threads(run.threads)
-            weights = local_path(run.weights, run.weights_shipped)
-            return build_application(run.model_name, run.size, weights, include_top,
-                                     run.pooling)
+            precision = worker_precision(run.precision)
+            weights = run.weights if run.weights_file is None else run.weights_file.local_path()
+            return predict_function(build_application(
+                run.model_name, run.size, weights, include_top, run.pooling, precision))
 
-        model = get_or_build(key, build)
+        forward = get_or_build(key, build)
         preprocess = preprocess_fn(run.model_name)
 
         def predict(images: np.ndarray) -> dict[str, np.ndarray]:
-            out = np.asarray(model.predict_on_batch(preprocess(images)), dtype=np.float32)
+            out = forward(preprocess(images))
             out = out.reshape(len(out), -1)  # pooling="none": the block, flattened (NHWC)
             if not top_k:
                 return {"values": out}
@@ -324,14 +268,6 @@ def predict_images(
     return apply_handle_invalid(df, tmp_col, input_col, run.handle_invalid, detail)
 
 
-def _file_stamp(run: ModelRun) -> tuple[int, int] | None:
-    """(mtime, size) of a local weights file: a file replaced in place gets a new model."""
-    if run.weights_shipped or run.weights in ("imagenet", "none"):
-        return None
-    stat = os.stat(run.weights)
-    return stat.st_mtime_ns, stat.st_size
-
-
 class DeepImageFeaturizerParams(DeepImageParams):
     pooling: Param[str] = Param(
         Params._dummy(), "pooling",
@@ -370,6 +306,8 @@ class DeepImageFeaturizer(
         batchSize: images per model call (64).
         threads: TensorFlow intra-op threads per Python worker (0 = TensorFlow's default).
         handleInvalid: ``"error"`` (default), ``"skip"`` or ``"keep"`` (null features).
+        precision: ``"float32"`` (default), ``"bfloat16"`` or ``"auto"`` (see
+            :mod:`pipelines.ml.precision`); the features are float32 in every case.
     """
 
     @keyword_only
@@ -378,7 +316,7 @@ class DeepImageFeaturizer(
         modelName: str | None = None, scaleHint: str | None = None,
         inputSize: int | None = None, weights: str | None = None, pooling: str | None = None,
         batchSize: int | None = None, threads: int | None = None,
-        handleInvalid: str | None = None,
+        handleInvalid: str | None = None, precision: str | None = None,
     ):
         super().__init__()
         set_given(self, self._input_kwargs)
@@ -389,7 +327,7 @@ class DeepImageFeaturizer(
         modelName: str | None = None, scaleHint: str | None = None,
         inputSize: int | None = None, weights: str | None = None, pooling: str | None = None,
         batchSize: int | None = None, threads: int | None = None,
-        handleInvalid: str | None = None,
+        handleInvalid: str | None = None, precision: str | None = None,
     ):
         return set_given(self, self._input_kwargs)
 
@@ -413,6 +351,7 @@ class DeepImageFeaturizer(
             "featurizing %r with %s at %dx%d (pooling %s), weights: %s", input_col,
             run.model_name, run.size, run.size, run.pooling, describe_weights(self.getWeights()),
         )
+        log_precision(run.precision, f"{run.model_name} features")
         tmp = f"__features_{self.uid}"
         df = predict_images(dataset, input_col, run, tmp)
         features = F.when(F.col(tmp)["valid"] == 1, array_to_vector(F.col(tmp)["values"]))

@@ -64,6 +64,7 @@ from pipelines.ml.params import (
     check_output_columns,
     function_or_none,
 )
+from pipelines.ml.shipping import ModelFile
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class KerasImageFileTransformer(Transformer, KerasImageFileTransformerParams,
                 "outputMode='image' needs a model output (None, height, width, 1|3|4). "
                 f"Received: output_shape={prepared.output_shape} (modelFile={path!r})"
             )
-        udf = _predict_udf(prepared.file_name, loader, tuple(int(d) for d in in_dims),
+        udf = _predict_udf(prepared.model_file, loader, tuple(int(d) for d in in_dims),
                            mode == "image", self.getBatchSize())
         tmp = f"__keras_image_file_{self.uid}"
         df = dataset.withColumn(tmp, udf(F.col(column)))
@@ -181,10 +182,10 @@ def _load(loader: Any, uri: str | None, dims: tuple[int, ...]) -> np.ndarray | N
         return None
 
 
-def _predict_udf(file_name: str, loader: Any, dims: tuple[int, ...], as_image: bool,
+def _predict_udf(model_file: ModelFile, loader: Any, dims: tuple[int, ...], as_image: bool,
                  batch_size: int):
     """``predict_batch_udf`` from URIs to (flattened output, valid)."""
-    load_model = file_model_loader(file_name)
+    load_model = file_model_loader(model_file)
 
     def make():
         model = load_model()

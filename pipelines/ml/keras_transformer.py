@@ -53,6 +53,7 @@ from pipelines.ml.params import (
     check_input_column,
     check_output_columns,
 )
+from pipelines.ml.shipping import ModelFile
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class KerasTransformer(Transformer, KerasTransformerParams, DefaultParamsReadabl
         zeros = F.array_repeat(F.lit(0.0).cast("float"), size)
         fed = F.when(valid, values).otherwise(zeros)
 
-        udf = _predict_udf(prepared.file_name, tuple(int(d) for d in dims), self.getBatchSize())
+        udf = _predict_udf(prepared.model_file, tuple(int(d) for d in dims), self.getBatchSize())
         tmp = f"__keras_transformer_{self.uid}"
         df = dataset.withColumn(tmp, udf(fed, valid.cast("int")))
         df = apply_handle_invalid(df, tmp, column, self.getHandleInvalid(), what="row")
@@ -141,9 +142,9 @@ def flat_floats(data_type: DataType, column: Column, name: str) -> Column:
     )
 
 
-def _predict_udf(file_name: str, dims: tuple[int, ...], batch_size: int):
+def _predict_udf(model_file: ModelFile, dims: tuple[int, ...], batch_size: int):
     """``predict_batch_udf`` from (flat float array, valid) to (flat output, valid)."""
-    load = file_model_loader(file_name)
+    load = file_model_loader(model_file)
 
     def make():
         model = load()

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,8 +25,36 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+#: Keras dtype policy of each resolved precision (see :mod:`pipelines.ml.precision`).
+DTYPE_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+
+
+@contextmanager
+def dtype_policy(precision: str) -> Iterator[None]:
+    """Keras' global dtype policy set for ``precision`` while models are built, then restored.
+
+    Keras applications take no ``dtype`` argument: their layers pick the global policy up
+    when they are created. Weights stay float32 under ``mixed_bfloat16`` (same initialisation,
+    same weights files); only the computation is bfloat16.
+    """
+    import keras
+
+    if precision not in DTYPE_POLICIES:
+        raise ValueError(
+            f"precision must be one of {tuple(DTYPE_POLICIES)} once resolved. "
+            f"Received: precision={precision!r}"
+        )
+    saved = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(DTYPE_POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(saved)
+
+
 def build_application(
-    name: str, input_size: int, weights: str, include_top: bool = False, pooling: str = "avg"
+    name: str, input_size: int, weights: str, include_top: bool = False, pooling: str = "avg",
+    precision: str = "float32",
 ) -> Any:
     """Build a Keras application model with its weights (executor side; imports Keras).
 
@@ -38,10 +67,18 @@ def build_application(
         pooling: without the top, ``"avg"`` or ``"max"`` global pooling of the last block, or
             ``"none"``: the block itself (batch, h, w, channels), as sparkdl returned it
             (flattened by the caller).
+        precision: ``float32`` or ``bfloat16`` (resolved; see :mod:`pipelines.ml.precision`).
 
     Raises:
         ValueError: the weights are missing or do not fit the model; the message names both.
     """
+    with dtype_policy(precision):
+        return _build_application(name, input_size, weights, include_top, pooling)
+
+
+def _build_application(
+    name: str, input_size: int, weights: str, include_top: bool, pooling: str
+) -> Any:
     import keras
 
     spec = get_spec(name)
@@ -82,6 +119,69 @@ def build_application(
             f"{type(exc).__name__}: {exc}"
         ) from exc
     return model
+
+
+def with_precision(model: Any, precision: str, shown: str = "") -> Any:
+    """A loaded Keras model for inference in ``precision`` (``float32``: ``model`` itself).
+
+    For ``bfloat16`` every layer but the input and output layers is rebuilt under
+    ``mixed_bfloat16`` with the same weights; the output layers stay float32 so probabilities
+    keep float32 precision. A model Keras cannot clone (a subclassed model) runs in float32,
+    and the log says so.
+    """
+    import keras
+
+    if precision not in DTYPE_POLICIES:
+        raise ValueError(
+            f"precision must be one of {tuple(DTYPE_POLICIES)} once resolved. "
+            f"Received: precision={precision!r}"
+        )
+    if precision == "float32":
+        return model
+    outputs = {tensor._keras_history.operation.name for tensor in model.outputs}
+
+    def rebuild(layer):
+        config = layer.get_config()
+        if not isinstance(layer, keras.layers.InputLayer) and layer.name not in outputs:
+            config["dtype"] = DTYPE_POLICIES[precision]
+        return layer.__class__.from_config(config)
+
+    try:
+        clone = keras.models.clone_model(model, clone_function=rebuild)
+        clone.set_weights(model.get_weights())
+    except Exception as exc:  # subclassed models cannot be cloned
+        logger.warning("cannot run model %s in %s (%s: %s); running it in float32",
+                       shown or model.name, precision, type(exc).__name__, exc)
+        return model
+    return clone
+
+
+def predict_function(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """``model``'s forward pass as one ``tf.function`` traced once, for any batch size.
+
+    ``predict_on_batch`` traces again for each new batch size it meets (a worker's last,
+    partial batch costs a second graph build); an input signature with a free batch
+    dimension is traced on the first call only (``.traces()`` counts). Outputs are float32
+    numpy arrays whatever the model's compute dtype; ``.input_shape`` is the model's input
+    shape without the batch dimension.
+    """
+    import tensorflow as tf
+
+    shape = tuple(model.inputs[0].shape)[1:]
+    spec = tf.TensorSpec((None, *shape), tf.float32)
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def forward(x):
+        outputs = model(x, training=False)
+        return tf.nest.map_structure(lambda y: tf.cast(y, tf.float32), outputs)
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        outputs = forward(np.asarray(batch, dtype=np.float32))
+        return tf.nest.map_structure(lambda y: y.numpy(), outputs)
+
+    predict.traces = forward.experimental_get_tracing_count  # type: ignore[attr-defined]
+    predict.input_shape = shape  # type: ignore[attr-defined]
+    return predict
 
 
 def preprocess_fn(name: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -42,11 +42,9 @@ from pipelines.ml.applications import IMAGENET_CLASS_INDEX, IMAGENET_CLASSES, MO
 from pipelines.ml.featurizer import (
     DeepImageParams,
     describe_weights,
-    local_path,
     predict_images,
     resolve_run,
     set_given,
-    ship_weights,
 )
 from pipelines.ml.inference import to_batch, when_valid
 from pipelines.ml.model_cache import get_or_build, model_key
@@ -57,6 +55,8 @@ from pipelines.ml.params import (
     check_output_columns,
     int_at_least,
 )
+from pipelines.ml.precision import log_precision, to_precision, worker_precision
+from pipelines.ml.shipping import ModelFile, ship_file, ship_weights
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class DeepImagePredictor(
 
     Args (every one has a default, set in the Params mixins; each is checked when set):
         inputCol, outputCol (``"predictions"``), modelName, scaleHint, inputSize, weights,
-        batchSize, threads, handleInvalid: as for
+        batchSize, threads, handleInvalid, precision: as for
             :class:`pipelines.ml.featurizer.DeepImageFeaturizer`. With ``weights="imagenet"``
             the input size must be the model's native size.
         decodePredictions: ``False`` (default, as in sparkdl): the 1000 probabilities as a
@@ -162,6 +162,7 @@ class DeepImagePredictor(
         batchSize: int | None = None, threads: int | None = None,
         handleInvalid: str | None = None, decodePredictions: bool | None = None,
         topK: int | None = None, classIndexPath: str | None = None,
+        precision: str | None = None,
     ):
         super().__init__()
         set_given(self, self._input_kwargs)
@@ -174,6 +175,7 @@ class DeepImagePredictor(
         batchSize: int | None = None, threads: int | None = None,
         handleInvalid: str | None = None, decodePredictions: bool | None = None,
         topK: int | None = None, classIndexPath: str | None = None,
+        precision: str | None = None,
     ):
         return set_given(self, self._input_kwargs)
 
@@ -192,6 +194,7 @@ class DeepImagePredictor(
             "predicting %r with %s at %dx%d, weights: %s",
             input_col, run.model_name, run.size, run.size, describe_weights(self.getWeights()),
         )
+        log_precision(run.precision, f"{run.model_name} predictions")
         tmp = f"__predictions_{self.uid}"
         df = predict_images(dataset, input_col, run, tmp, include_top=True,
                             top_k=top_k if decode else 0)
@@ -224,9 +227,13 @@ def register_keras_image_udf(
     spark: SparkSession, name: str, model: Any, *, weights: str = "imagenet",
     input_size: int = 0, scale_hint: str = "bilinear",
     preprocessor: str | Preprocessor | None = None, batch_size: int = 64,
-    file_preprocessor: Callable[[str], np.ndarray] | None = None,
+    file_preprocessor: Callable[[str], np.ndarray] | None = None, precision: str = "float32",
 ) -> Callable[..., Column]:
     """Register ``name(image)`` as a SQL function running a Keras model on an image column.
+
+    Works the same on a classic and a Spark Connect session: a model or weights file reaches the
+    workers as :mod:`pipelines.ml.shipping` says (with the function up to 32 MiB, else read by
+    the workers from its path or URI); an in-memory model travels as ``.keras`` bytes.
 
     Args:
         spark: the session to register in.
@@ -245,6 +252,8 @@ def register_keras_image_udf(
         file_preprocessor: sparkdl's preprocessor instead: a picklable function from an image
             file path to the model's input array ((H, W, C) or (1, H, W, C)); each image is
             written to a temporary PNG for it (slow; see :func:`registerKerasImageUDF`).
+        precision: ``float32``, ``bfloat16`` or ``auto`` (see :mod:`pipelines.ml.precision`);
+            the output is float32 in every case.
 
     Returns:
         The registered UDF (also usable from the DataFrame API). The function takes an image
@@ -268,33 +277,35 @@ def register_keras_image_udf(
             f"preprocessor must be a model name, a function or None. "
             f"Received: preprocessor={preprocessor!r}"
         )
+    to_precision(precision)
     if isinstance(model, str) and model in MODELS:
         from pipelines.ml.applications import resolve_size
 
         size = resolve_size(get_spec(model), input_size)
-        source, shipped = ship_weights(spark, weights, model)
-        key = model_key("application", name=model, size=size, weights=source,
-                        include_top=True, pooling=None)
-        builder = _application_builder(key, model, size, source, shipped)
+        weights_file = ship_weights(spark, weights, model)
+        key = model_key("application", name=model, size=size, include_top=True, pooling=None,
+                        weights=weights if weights_file is None else weights_file.digest,
+                        precision=precision, traced=True)
+        builder = _application_builder(key, model, size, weights, weights_file, precision)
         logger.info("registering %s: %s, weights: %s", name, model, describe_weights(weights))
     elif isinstance(model, str):
         _check_model_path(model)
-        source, shipped = ship_weights(spark, model, f"SQL function {name!r}", param="model")
-        stamp = None if shipped else (os.stat(source).st_size, os.stat(source).st_mtime_ns)
-        key = model_key("file", source=source, stamp=stamp)
-        builder = _file_builder(key, lambda: local_path(source, shipped), preprocessor)
+        model_file = ship_file(spark, model, "model", f"SQL function {name!r}")
+        builder = _file_builder(model_file, preprocessor, precision)
         logger.info("registering %s: Keras model file %s", name, model)
     elif hasattr(model, "predict_on_batch") and hasattr(model, "input_shape"):
         data = _model_bytes(model)
-        digest = hashlib.sha256(data).hexdigest()[:16]
-        key = model_key("bytes", digest=digest)
-        builder = _file_builder(key, _bytes_file(data, digest), preprocessor)
-        logger.info("registering %s: in-memory Keras model %s (%s)", name, model.name, digest)
+        model_file = ModelFile(f"{model.name}.keras", hashlib.sha256(data).hexdigest(),
+                               data=data)
+        builder = _file_builder(model_file, preprocessor, precision)
+        logger.info("registering %s: in-memory Keras model %s (%s)", name, model.name,
+                    model_file.digest[:16])
     else:
         raise ValueError(
             f"model must be a model name of {sorted(MODELS)}, a .keras/.h5 file path or a "
             f"keras.Model. Received: model={model!r}"
         )
+    log_precision(precision, f"SQL function {name}")
 
     @pandas_udf(ArrayType(FloatType()))
     def run_model(batches: Iterator[pd.Series]) -> Iterator[pd.Series]:
@@ -353,22 +364,6 @@ def _model_bytes(model: Any) -> bytes:
             return fh.read()
 
 
-def _bytes_file(data: bytes, digest: str) -> Callable[[], str]:
-    """Worker side: write the model bytes once to a local file named by their digest."""
-
-    def path() -> str:
-        target = os.path.join(tempfile.gettempdir(), "pipelines-udf-models", f"{digest}.keras")
-        if not os.path.exists(target):
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            tmp = f"{target}.tmp{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
-        return target
-
-    return path
-
-
 def _load_through_files(
     values: Any, kind: str, file_preprocessor: Callable[[str], np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -394,19 +389,24 @@ def _load_through_files(
 
 
 def _application_builder(
-    key: tuple, model: str, size: int, source: str, shipped: bool
+    key: tuple, model: str, size: int, weights: str, weights_file: ModelFile | None,
+    precision: str,
 ) -> Callable[[], Any]:
-    """Worker side: (predict function, input shape); the model from the worker's cache."""
+    """Worker side: (predict function, input shape); the traced model from the worker's cache."""
 
     def build() -> Any:
-        from pipelines.ml.models import build_application, preprocess_fn
+        from pipelines.ml.models import build_application, predict_function, preprocess_fn
 
-        keras_model = get_or_build(key, lambda: build_application(
-            model, size, local_path(source, shipped), include_top=True))
+        def load() -> Any:
+            source = weights if weights_file is None else weights_file.local_path()
+            return predict_function(build_application(
+                model, size, source, include_top=True, precision=worker_precision(precision)))
+
+        forward = get_or_build(key, load)
         preprocess = preprocess_fn(model)
 
         def predict(x: np.ndarray) -> np.ndarray:
-            return np.asarray(keras_model.predict_on_batch(preprocess(x)), dtype=np.float32)
+            return forward(preprocess(x))
 
         return predict, (size, size, 3)
 
@@ -414,20 +414,22 @@ def _application_builder(
 
 
 def _file_builder(
-    key: tuple, path_of: Callable[[], str], preprocessor: str | Preprocessor | None
+    model_file: ModelFile, preprocessor: str | Preprocessor | None, precision: str
 ) -> Callable[[], Any]:
     """Worker side: (predict function, input shape); the model (only: the preprocessor is not
-    part of its key) from the worker's cache."""
+    part of its key) from the worker's cache, as a forward pass traced once."""
+    from pipelines.ml.classifier import file_forward_loader
+
+    load = file_forward_loader(model_file, precision)
 
     def build() -> Any:
-        from pipelines.ml.keras_files import image_input_shape, load_model_file
-
-        def load() -> Any:
-            path = path_of()
-            return load_model_file(path, shown=path)
-
-        keras_model = get_or_build(key, load)
-        shape = image_input_shape(keras_model, shown=str(key))
+        forward = load()
+        shape = tuple(int(d) for d in forward.input_shape)
+        if len(shape) != 3 or shape[2] not in (1, 3):
+            raise ValueError(
+                "the model's input must be images (None, height, width, 1 or 3 channels). "
+                f"Received: input_shape={(None, *shape)} (model={model_file.name!r})"
+            )
         if isinstance(preprocessor, str):
             from pipelines.ml.models import preprocess_fn
 
@@ -437,7 +439,7 @@ def _file_builder(
 
         def predict(x: np.ndarray) -> np.ndarray:
             x = preprocess(x) if preprocess is not None else x
-            return np.asarray(keras_model.predict_on_batch(x), dtype=np.float32)
+            return np.asarray(forward(x), dtype=np.float32)
 
         return predict, shape
 

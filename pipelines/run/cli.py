@@ -68,7 +68,16 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
     except ConfigError as exc:
         logger.error("%s: %s", name, exc)
         return EXIT_USAGE
-    from pipelines.run.session import build_session  # imports pyspark's JVM glue only when needed
+    from pipelines.run.session import build_session, connect_remote  # pyspark's JVM glue
+
+    remote = connect_remote()
+    if remote:
+        logger.error(
+            "%s: the jobs need a classic SparkSession (they publish outputs atomically through "
+            "the JVM's Hadoop FileSystem, which a Spark Connect client cannot reach); unset "
+            "SPARK_REMOTE / drop spark-submit's --remote and give a master instead. The library's "
+            "stages (pipelines.ml) do run on Connect. Received: %s", name, remote)
+        return EXIT_USAGE
 
     try:
         spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")

@@ -67,6 +67,15 @@ def build_session(config: SparkConfig, app_name: str | None = None) -> SparkSess
     return spark
 
 
+def connect_remote() -> str | None:
+    """What asks for a Spark Connect session in this process (``SPARK_REMOTE``, or spark-submit's
+    ``--remote``), as ``NAME=value`` for messages; None for a classic session."""
+    for name in ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED"):
+        if os.environ.get(name):
+            return f"{name}={os.environ[name]}"
+    return None
+
+
 def submitted_conf() -> SparkConf:
     """The conf ``spark-submit`` was given (empty when the job was started as plain Python).
 

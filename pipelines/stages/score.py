@@ -21,6 +21,7 @@ from pipelines.config import Config, ScoreConfig
 from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
 from pipelines.ml.classifier import KerasImageClassifier
+from pipelines.ml.precision import resolve_precision
 from pipelines.stages.evaluation import classification_metrics
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ def run_score(spark: SparkSession, config: Config) -> dict[str, Any]:
     images, column = load_inputs(spark, cfg)
     scorer = KerasImageClassifier(
         modelPath=cfg.model, inputCol=column, batchSize=cfg.batch_size, scale=cfg.scale,
-        scaleHint=cfg.resize_method, handleInvalid="keep",
+        scaleHint=cfg.resize_method, handleInvalid="keep", precision=cfg.precision,
     )
     keep = ["id"] + [c for c in ("label", "label_name") if c in images.columns]
     scored = scorer.transform(images).select(*keep, "prediction", "probability")
-    summary: dict[str, Any] = {"model": cfg.model, "input": cfg.input, "output": cfg.output}
+    summary: dict[str, Any] = {"model": cfg.model, "input": cfg.input, "output": cfg.output,
+                               "precision": cfg.precision,
+                               "precision_on_driver": resolve_precision(cfg.precision)[0]}
     with storage.staged_dir(cfg.output) as tmp:
         scored.write.mode("error").parquet(tmp)
         written = spark.read.parquet(tmp)

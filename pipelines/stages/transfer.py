@@ -41,6 +41,7 @@ from pipelines.io.image_parquet import read_images
 from pipelines.io.storage import Storage
 from pipelines.ml.applications import MODELS, resolve_size
 from pipelines.ml.featurizer import DeepImageFeaturizer, describe_weights
+from pipelines.ml.precision import resolve_precision
 from pipelines.stages.evaluation import classification_metrics, confusion_matrix_png
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
     featurizer = DeepImageFeaturizer(
         inputCol="image", outputCol="features", modelName=cfg.model_name, inputSize=size,
         weights=cfg.weights, scaleHint=cfg.scale_hint, batchSize=cfg.batch_size,
-        threads=cfg.threads, handleInvalid=cfg.handle_invalid,
+        threads=cfg.threads, handleInvalid=cfg.handle_invalid, precision=cfg.precision,
     )
 
     t = time.perf_counter()
@@ -147,6 +148,9 @@ def _run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
         "note": RANDOM_WEIGHTS_NOTE if cfg.weights == "none" else None,
         "scale_hint": cfg.scale_hint,
         "batch_size": cfg.batch_size,
+        # As requested, and what it gave on the driver's CPU (each worker decides for its own).
+        "precision": cfg.precision,
+        "precision_on_driver": resolve_precision(cfg.precision)[0],
         "feature_dim": MODELS[cfg.model_name].feature_dim,
         "input": cfg.input,
         "train_size": counts["train"],
@@ -222,7 +226,7 @@ def cache_key(cfg: TransferConfig, size: int) -> str:
         "model": cfg.model_name, "size": size, "weights": cfg.weights,
         "scale_hint": cfg.scale_hint, "input": cfg.input, "handle_invalid": cfg.handle_invalid,
         "train": [cfg.train_split, cfg.train_size], "test": [cfg.test_split, cfg.test_size],
-        "seed": cfg.seed,
+        "seed": cfg.seed, "precision": cfg.precision,
     }
     return sha256_json(parts, 16)
 
