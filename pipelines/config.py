@@ -278,7 +278,9 @@ class CnnConfig(Section):
     seed: int = 0
     #: TensorFlow deterministic ops (reproducible to the bit, somewhat slower).
     deterministic: bool = False
-    #: Keras progress output: ``bar`` (interactive), ``epoch`` (one line per epoch), ``off``.
+    #: Training progress: ``bar`` (Keras' bar when stdout and stderr are terminals, else as
+    #: ``epoch``), ``epoch`` (log lines: at most every ``pipeline.progress_seconds`` within an
+    #: epoch and one at its end), ``off`` (only the line at each epoch's end).
     progress: Literal["bar", "epoch", "off"] = "epoch"
     tensorboard: bool = True
 
@@ -360,6 +362,37 @@ class PipelineConfig(Section):
     manifests: str = "{output_root}/_manifests"
     #: The summary of the last run: stages, what each did, timings, status.
     run_summary: str = "{output_root}/run.json"
+    #: Long work logs a progress line at most this often: Spark stages (tasks done/total, rate,
+    #: ETA) and CNN training (batches within an epoch; every epoch's end is logged anyway).
+    progress_seconds: float = Field(default=15.0, gt=0)
+
+
+class TrackingConfig(Section):
+    """Experiment tracking in MLflow (see :mod:`pipelines.run.tracking`)."""
+
+    #: Off: MLflow is not even imported.
+    enabled: bool = True
+    #: The tracking store: by default an SQLite file under the output root (no server needed);
+    #: a tracking server's URL (``http://host:5000``) or any store URI MLflow accepts.
+    uri: str = "sqlite:///{output_root}/mlflow.db"
+    #: Where a *new* experiment keeps its artifacts; ``null``: beside an SQLite store
+    #: (``<its folder>/mlartifacts``), else the tracking server's default.
+    artifact_location: str | None = None
+    experiment: str = "spark-image-pipelines"
+    #: Log the fitted models (Spark ``PipelineModel``, Keras) with their signatures.
+    log_models: bool = True
+
+    @model_validator(mode="after")
+    def _local_sqlite(self) -> TrackingConfig:
+        path = self.uri.removeprefix("sqlite:///")
+        if (self.enabled and self.uri.startswith("sqlite:///") and "{output_root}" not in path
+                and "://" in path and not path.startswith("file://")):
+            raise ValueError(
+                "an SQLite tracking store must be a local file (the output root is not local?); "
+                "set tracking.uri to a tracking server or a local sqlite:/// path, or "
+                f"tracking.enabled=false. Received: tracking.uri={self.uri!r}"
+            )
+        return self
 
 
 class ReportConfig(Section):
@@ -386,6 +419,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def digest(self, *sections: str) -> str:
         """SHA-256 of the given sections (default: all), stable across runs."""

@@ -65,11 +65,13 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
     except ConfigError as exc:
         logger.error("%s: %s", name, exc)
         return EXIT_USAGE
+    from pipelines.run.progress import SparkProgress
     from pipelines.run.session import build_session  # imports pyspark's JVM glue only when needed
 
     spark = build_session(config.spark, app_name=f"{config.spark.app_name}: {name}")
     try:
-        summary = stage(spark, config)
+        with SparkProgress(spark, config.pipeline.progress_seconds):
+            summary = stage(spark, config)
     except StageFailed as exc:
         logger.error("%s failed: %s", name, exc)
         return EXIT_FAILED

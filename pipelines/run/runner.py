@@ -38,7 +38,9 @@ from pipelines.run.manifest import (
     stale_reason,
     utc_now,
 )
+from pipelines.run.progress import label as progress_label
 from pipelines.run.report import run_report
+from pipelines.run.tracking import Tracking, call_stage
 from pipelines.stages.augment import run_augment
 from pipelines.stages.export import run_export
 from pipelines.stages.ingest import run_ingest
@@ -178,6 +180,7 @@ def run_pipeline(
         "stages": [],
     }
     started = time.perf_counter()
+    tracking = Tracking.start(spark, config, run)
     redone: set[str] = set()
     total = len(plan.stages)
     for index, spec in enumerate(plan.stages, 1):
@@ -189,20 +192,21 @@ def run_pipeline(
         t0 = time.perf_counter()
         try:
             action, reason, manifest = _run_stage(
-                spark, config, spec, store, storage, run["run_id"], plan.force, redone, label
+                spark, config, spec, store, storage, run["run_id"], plan.force, redone, label,
+                tracking,
             )
         except Exception as exc:
             seconds = time.perf_counter() - t0
             cause = f"{type(exc).__name__}: {exc}"
             logger.exception("%s: failed after %.1f s: %s", label, seconds, cause)
             record.update(action="failed", reason=cause, seconds=round(seconds, 3))
-            _finish(storage, config, run, "failed", started)
+            _finish(storage, config, run, "failed", started, tracking)
             raise StageFailed(f"stage {spec.name!r} failed: {cause}") from exc
         record.update(action=action, reason=reason, seconds=round(time.perf_counter() - t0, 3),
                       stage_seconds=manifest.get("seconds"), counts=manifest.get("counts", {}))
         if action == "ran":
             redone.add(spec.name)
-    _finish(storage, config, run, "succeeded", started)
+    _finish(storage, config, run, "succeeded", started, tracking)
     ran = sum(1 for r in run["stages"] if r.get("action") == "ran")
     skipped = sum(1 for r in run["stages"] if r.get("action") == "skipped")
     logger.info("pipeline finished in %.1f s: %d ran, %d up to date; run summary %s",
@@ -213,6 +217,7 @@ def run_pipeline(
 def _run_stage(
     spark: SparkSession, config: Config, spec: StageSpec, store: ManifestStore,
     storage: Storage, run_id: str, force: bool, redone: set[str], label: str,
+    tracking: Tracking,
 ) -> tuple[str, str, dict[str, Any]]:
     config_digest = config.digest(*spec.sections)
     inputs = stage_inputs(config, spec, store, storage)
@@ -232,7 +237,8 @@ def _run_stage(
     store.delete(spec.name)  # from here on, a crash leaves no manifest: the next run redoes it
     maybe_fail(f"runner.{spec.name}.start")
     started_at, t0 = utc_now(), time.perf_counter()
-    summary = spec.run(spark, config)
+    with progress_label(spec.name), tracking.stage(spec.name, spec.sections) as tracker:
+        summary = call_stage(spec.run, spark, config, tracker)
     seconds = time.perf_counter() - t0
     maybe_fail(f"runner.{spec.name}.finish")
     spark.catalog.clearCache()
@@ -296,10 +302,11 @@ def _check_config_keys(config: Config, spec: StageSpec) -> None:
 
 
 def _finish(storage: Storage, config: Config, run: dict[str, Any], status: str,
-            started: float) -> None:
+            started: float, tracking: Tracking) -> None:
     run.update(status=status, finished_at=utc_now(),
                seconds=round(time.perf_counter() - started, 3))
     _write_run(storage, config, run)
+    tracking.finish(run)
 
 
 def _write_run(storage: Storage, config: Config, run: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from pipelines.stages.evaluation import (
     confusion_matrix_png,
     training_curves_png,
 )
+from pipelines.stages.tracker import NO_TRACKER, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,6 @@ OUTPUT_FILES = (
     "model.keras", "summary.txt", "metrics.json", "history.csv",
     "training_curves.png", "confusion_matrix.png",
 )
-_VERBOSE = {"bar": 1, "epoch": 2, "off": 0}
 #: Settings that do not change what is trained (a run may resume across changes of these).
 _NOT_TRAINING = {"output", "checkpoint_dir", "resume", "progress", "tensorboard", "architectures"}
 
@@ -64,11 +65,18 @@ def checkpoint_dir(cfg: CnnConfig) -> Path:
     return Path(tempfile.gettempdir()) / "spark-image-pipelines" / f"cnn-{digest}"
 
 
-def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
-    """The train_cnn job: train, evaluate on the test split, publish the outputs."""
+def run_train_cnn(spark: SparkSession, config: Config,
+                  tracker: Tracker = NO_TRACKER) -> dict[str, Any]:
+    """The train_cnn job: train, evaluate on the test split, publish the outputs.
+
+    ``tracker`` gets the metrics of every epoch, the model summary and history, and the
+    trained model (the runner logs the files in ``artifacts``).
+    """
     cfg = config.cnn
     storage = Storage(spark)
-    summary, publish_dir = train_cnn(cfg)
+    summary, publish_dir = train_cnn(cfg, tracker, config.pipeline.progress_seconds)
+    for name in ("summary.txt", "history.csv"):  # beside the files listed in "artifacts"
+        tracker.log_artifact(str(publish_dir / name))
     with storage.staged_dir(cfg.output) as tmp:
         for path in sorted(publish_dir.rglob("*")):
             if path.is_file():
@@ -84,14 +92,18 @@ def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
     return summary
 
 
-def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
+def train_cnn(cfg: CnnConfig, tracker: Tracker = NO_TRACKER,
+              progress_seconds: float = 15.0) -> tuple[dict[str, Any], Path]:
     """Train and evaluate; write every output under ``<checkpoint_dir>/publish``.
 
     Returns the summary written to ``metrics.json`` and the publish folder.
-    Needs no SparkSession: the driver reads Parquet itself.
+    Needs no SparkSession: the driver reads Parquet itself. Progress is logged at most every
+    ``progress_seconds`` within an epoch and at every epoch's end.
     """
     import keras
     import tensorflow as tf
+
+    from pipelines.ml.callbacks import EpochProgress  # imports Keras
 
     started = time.perf_counter()
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -142,10 +154,16 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
                             cfg.shuffle_buffer, cfg.seed, spec.shift_pixels, in_memory)
     val_ds = make_dataset(validation, batch_size, cfg.num_classes, cfg.read_batch_rows,
                           in_memory=in_memory)
-    callbacks = _callbacks(cfg, work)
+    verbose = _keras_verbose(cfg.progress)
+    callbacks = _callbacks(cfg, work) + [EpochProgress(
+        "cnn", epochs, counts[cfg.train_split], batch_size, progress_seconds,
+        within_epoch=cfg.progress != "off" and not verbose)]
+    if tracker.enabled:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: tracker.log_metrics(logs or {}, step=epoch + 1)))
     fit_started = time.perf_counter()
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
-              shuffle=False, verbose=_VERBOSE[cfg.progress])
+              shuffle=False, verbose=verbose)
     fit_seconds = time.perf_counter() - fit_started
     history = _read_history(work / "history.csv")
     best = work / "best.weights.h5"
@@ -192,6 +210,7 @@ def train_cnn(cfg: CnnConfig) -> tuple[dict[str, Any], Path]:
     logger.info("cnn: test %s, fit %.1fs, wall %.1fs",
                 {k: v for k, v in (evaluation or {}).items() if k in ("loss", "top1", "keras")},
                 fit_seconds, summary["wall_seconds"])
+    tracker.log_keras_model(model)
     return summary, publish
 
 
@@ -211,7 +230,6 @@ def _callbacks(cfg: CnnConfig, work: Path) -> list[Any]:
             str(work / "best.weights.h5"), monitor=cfg.monitor, mode=mode,
             save_best_only=True, save_weights_only=True, initial_value_threshold=best_so_far,
         ),
-        keras.callbacks.LambdaCallback(on_epoch_end=_log_epoch),
         keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: maybe_fail("cnn.epoch")),
     ]
     if cfg.early_stopping_patience is not None:
@@ -223,9 +241,10 @@ def _callbacks(cfg: CnnConfig, work: Path) -> list[Any]:
     return callbacks
 
 
-def _log_epoch(epoch: int, logs: dict[str, Any] | None) -> None:
-    shown = ", ".join(f"{k}={float(v):.4f}" for k, v in sorted((logs or {}).items()))
-    logger.info("cnn epoch %s: %s", epoch + 1, shown)
+def _keras_verbose(progress: str) -> int:
+    """Keras' own progress bar only on a terminal: elsewhere (a scheduler's log) it writes
+    carriage returns and escapes; :class:`EpochProgress` logs plain lines instead."""
+    return int(progress == "bar" and sys.stdout.isatty() and sys.stderr.isatty())
 
 
 def _evaluate(model: Any, test: Any, batch_size: int, cfg: CnnConfig,
