@@ -372,9 +372,10 @@ class TrackingConfig(Section):
 
     #: Off: MLflow is not even imported.
     enabled: bool = True
-    #: The tracking store: by default an SQLite file under the output root (no server needed);
-    #: a tracking server's URL (``http://host:5000``) or any store URI MLflow accepts.
-    uri: str = "sqlite:///{output_root}/mlflow.db"
+    #: The tracking store: a tracking server's URL (``http://host:5000``) or any store URI MLflow
+    #: accepts. ``null``: an SQLite file, ``<output_root>/mlflow.db`` when the output root is
+    #: local, else a file in the driver's temp dir (with a warning: set a server's URL then).
+    uri: str | None = None
     #: Where a *new* experiment keeps its artifacts; ``null``: beside an SQLite store
     #: (``<its folder>/mlartifacts``), else the tracking server's default.
     artifact_location: str | None = None
@@ -384,9 +385,10 @@ class TrackingConfig(Section):
 
     @model_validator(mode="after")
     def _local_sqlite(self) -> TrackingConfig:
-        path = self.uri.removeprefix("sqlite:///")
-        if (self.enabled and self.uri.startswith("sqlite:///") and "{output_root}" not in path
-                and "://" in path and not path.startswith("file://")):
+        path = (self.uri or "").removeprefix("sqlite:///")
+        if (self.enabled and (self.uri or "").startswith("sqlite:///")
+                and "{output_root}" not in path and "://" in path
+                and not path.startswith("file://")):
             raise ValueError(
                 "an SQLite tracking store must be a local file (the output root is not local?); "
                 "set tracking.uri to a tracking server or a local sqlite:/// path, or "

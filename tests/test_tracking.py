@@ -210,12 +210,19 @@ def test_tracking_off_writes_no_store(spark, tmp_path, tiny_mnist_dir):
     assert (out / "images").is_dir() and not (out / "mlflow.db").exists()
 
 
-def test_sqlite_store_under_a_remote_output_root_is_refused():
-    with pytest.raises(ConfigError, match="Received: tracking.uri='sqlite:///hdfs:///data"):
-        load_config(ROOT / "conf" / "base.yaml", ["output_root=hdfs:///data"])
-    config = load_config(ROOT / "conf" / "base.yaml",
-                         ["output_root=hdfs:///data", "tracking.uri=http://mlflow:5000"])
-    assert config.tracking.uri == "http://mlflow:5000"
+def test_store_location_follows_the_output_root_and_refuses_sqlite_on_hdfs(tmp_path):
+    from pipelines.run.tracking import artifact_location, store_uri
+
+    local = load_config(ROOT / "conf" / "base.yaml", [f"output_root={tmp_path}/out"])
+    assert store_uri(local) == f"sqlite:///{tmp_path}/out/mlflow.db"
+    assert artifact_location(local.tracking, store_uri(local)) == f"{tmp_path}/out/mlartifacts"
+    remote = load_config(ROOT / "conf" / "base.yaml", ["output_root=hdfs:///data"])
+    assert store_uri(remote).startswith("sqlite:///") and "hdfs" not in store_uri(remote)
+    server = load_config(ROOT / "conf" / "base.yaml", ["tracking.uri=http://mlflow:5000"])
+    assert store_uri(server) == "http://mlflow:5000"
+    assert artifact_location(server.tracking, store_uri(server)) is None
+    with pytest.raises(ConfigError, match="Received: tracking.uri='sqlite:///hdfs:///data/m.db'"):
+        load_config(ROOT / "conf" / "base.yaml", ["tracking.uri=sqlite:///hdfs:///data/m.db"])
 
 
 def test_a_spark_stage_running_seconds_logs_done_total_rate_and_eta(spark, caplog):
@@ -223,11 +230,11 @@ def test_a_spark_stage_running_seconds_logs_done_total_rate_and_eta(spark, caplo
         time.sleep(0.25)
         return value
 
-    rows = spark.range(0, 32, numPartitions=8).select(
-        F.udf(slow, "long")("id").alias("id"))
+    # A filter on the UDF's result: the count cannot skip it. 8 tasks of ~1 s on 2 cores.
+    rows = spark.range(0, 32, numPartitions=8).where(F.udf(slow, "long")("id") >= 0)
     with caplog.at_level(logging.INFO, logger="pipelines.run.progress"):
         with SparkProgress(spark, every_seconds=1.0), label("slow"):
-            assert rows.count() == 32  # 8 tasks of ~1 s on 2 cores: ~4 s
+            assert rows.count() == 32
     lines = [r.getMessage() for r in caplog.records if r.name == "pipelines.run.progress"]
     parsed = [re.search(r"^slow: Spark stage \d+: (\d+)/8 tasks \(\d+ %\), "
                         r"(.*?ETA [^,]+)", line) for line in lines]

@@ -22,6 +22,7 @@ import alone takes seconds).
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -49,11 +50,22 @@ _SPARK_REQUIREMENTS = ("mlflow", "pyspark", "keras", "tensorflow-cpu", "numpy", 
                        "pyarrow", "Pillow", "spark-image-pipelines")
 
 
-def store_uri(cfg: TrackingConfig) -> str:
-    """``tracking.uri`` with an SQLite file made absolute (its folder is created)."""
-    if not cfg.uri.startswith("sqlite:///"):
+def store_uri(config: Config) -> str:
+    """The tracking store: ``tracking.uri``, else an SQLite file (absolute; folder created)."""
+    cfg = config.tracking
+    if cfg.uri and not cfg.uri.startswith("sqlite:///"):
         return cfg.uri
-    path = Path(cfg.uri.removeprefix("sqlite:///").removeprefix("file://")).absolute()
+    if cfg.uri:
+        path = Path(cfg.uri.removeprefix("sqlite:///").removeprefix("file://"))
+    elif (root := _local_path(config.output_root)) is not None:
+        path = root / "mlflow.db"
+    else:
+        digest = hashlib.sha256(config.output_root.encode()).hexdigest()[:12]
+        path = Path(tempfile.gettempdir()) / "spark-image-pipelines" / f"mlflow-{digest}.db"
+        logger.warning("MLflow: the output root %s is not local, so runs are tracked in %s on "
+                       "this machine only; set tracking.uri to a tracking server",
+                       config.output_root, path)
+    path = path.absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path}"
 
@@ -209,7 +221,7 @@ class Tracking:
         import mlflow
         from mlflow.tracking import MlflowClient
 
-        tracking.uri = uri = store_uri(tracking.cfg)
+        tracking.uri = uri = store_uri(config)
         mlflow.set_tracking_uri(uri)
         client = MlflowClient(uri)
         experiment = client.get_experiment_by_name(tracking.cfg.experiment)
