@@ -251,3 +251,23 @@ def test_progress_text_and_duration():
     assert progress_text(1000, 1200, 10.0, "batches") == (
         "1,000/1,200 batches (83 %), 100 batches/s, ETA 2 s")
     assert [duration(s) for s in (4.4, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
+
+
+def test_epoch_progress_counts_rates_from_the_end_of_the_first_batch(monkeypatch, caplog):
+    from pipelines.ml import callbacks
+
+    clock = iter([0.0, 20.0, 21.0, 22.0, 30.0])  # epoch start, batches 0-2, epoch end
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: next(clock))
+    progress = callbacks.EpochProgress("cnn", 2, 1000, 100, every_seconds=1.5)
+    with caplog.at_level(logging.INFO, logger="pipelines.ml.callbacks"):
+        progress.on_train_begin()
+        progress.on_epoch_begin(0)
+        for batch in range(3):
+            progress.on_train_batch_end(batch, {"loss": 0.5})
+        progress.on_epoch_end(0, {"loss": 0.25, "val_loss": 0.5})
+    lines = [r.getMessage() for r in caplog.records]
+    # The 20 s first batch (tracing) is not in the rate: 2 batches in 2 s after it.
+    assert lines == [
+        "cnn epoch 1/2: 3/10 batches (30 %), 100 images/s, ETA 7 s, loss=0.5000",
+        "cnn epoch 1/2 done in 30 s (33 images/s), ETA 30 s: loss=0.2500, val_loss=0.5000",
+    ]

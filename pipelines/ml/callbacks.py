@@ -17,7 +17,7 @@ from typing import Any
 
 import keras
 
-from pipelines.ml.progress import duration, progress_text
+from pipelines.ml.progress import duration
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class EpochProgress(keras.callbacks.Callback):
         self.steps = math.ceil(rows / batch_size)
         self._epoch_seconds: list[float] = []
         self._epoch = 0
-        self._epoch_started = self._last_line = 0.0
+        self._epoch_started = self._last_line = self._first_batch_done = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch = epoch  # Keras does not pass the epoch to the batch hooks
@@ -55,15 +55,20 @@ class EpochProgress(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         now = time.monotonic()
+        if batch == 0:
+            # The first batch carries the start-up (graph tracing, a pause between epochs): rates
+            # count from its end, so one slow batch does not make an ETA of hours.
+            self._first_batch_done = self._last_line = now
+            return
         if not self.within_epoch or now - self._last_line < self.every_seconds:
             return
         self._last_line = now
-        rows = min((batch + 1) * self.batch_size, self.rows)
-        seconds = now - self._epoch_started
+        rate = batch / max(now - self._first_batch_done, 1e-9)  # batches per second
         loss = (logs or {}).get("loss")
-        logger.info("%s epoch %d/%d: %s, %s%s", self.name, self._epoch + 1, self.epochs,
-                    progress_text(batch + 1, self.steps, seconds, "batches"),
-                    f"{rows / seconds:,.0f} images/s",
+        logger.info("%s epoch %d/%d: %d/%d batches (%.0f %%), %s images/s, ETA %s%s", self.name,
+                    self._epoch + 1, self.epochs, batch + 1, self.steps,
+                    100 * (batch + 1) / self.steps, f"{rate * self.batch_size:,.0f}",
+                    duration((self.steps - batch - 1) / rate),
                     "" if loss is None else f", loss={float(loss):.4f}")
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
