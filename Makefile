@@ -22,6 +22,9 @@ run: install
 	@$(PY) -c "import os; from pipelines.config import load_config as c; \
 	p = c('$(CONFIG)').report.output + '/index.html'; \
 	print('Report:', p if ':/' in p else 'file://' + os.path.abspath(p))"
+	@$(PY) -c "from pipelines.config import load_config as c; from pipelines.run.tracking import \
+	store_uri; k = c('$(CONFIG)'); k.tracking.enabled and print('MLflow: mlflow ui', \
+	'--backend-store-uri', store_uri(k))"
 
 # Headless Chromium renders the HTML report in the tests (Debian's package; we run as root).
 chromium:

@@ -317,7 +317,9 @@ class CnnConfig(Section):
     seed: int = 0
     #: TensorFlow deterministic ops (reproducible to the bit, somewhat slower).
     deterministic: bool = False
-    #: Keras progress output: ``bar`` (interactive), ``epoch`` (one line per epoch), ``off``.
+    #: Training progress: ``bar`` (Keras' bar when stdout and stderr are terminals, else as
+    #: ``epoch``), ``epoch`` (log lines: at most every ``pipeline.progress_seconds`` within an
+    #: epoch and one at its end), ``off`` (only the line at each epoch's end).
     progress: Literal["bar", "epoch", "off"] = "epoch"
     tensorboard: bool = True
     #: 0 trains on the driver (resumable, streamed when large); N trains one model on N
@@ -417,6 +419,9 @@ class PipelineConfig(Section):
     #: A lock or a ``running`` run summary without a heartbeat for this long is stale (its run
     #: was killed); on the lock's own host a holder whose process is gone is stale at once.
     stale_after_s: float = Field(default=300.0, gt=0)
+    #: Long work logs a progress line at most this often: Spark stages (tasks done/total, rate,
+    #: ETA) and CNN training (batches within an epoch; every epoch's end is logged anyway).
+    progress_seconds: float = Field(default=15.0, gt=0)
 
     @model_validator(mode="after")
     def _stale_after_heartbeats(self) -> PipelineConfig:
@@ -425,6 +430,36 @@ class PipelineConfig(Section):
                 "pipeline.stale_after_s must be at least 3 heartbeats (pipeline.heartbeat_s), "
                 "or a live run could be taken for a killed one. Received: "
                 f"stale_after_s={self.stale_after_s}, heartbeat_s={self.heartbeat_s}"
+            )
+        return self
+
+
+class TrackingConfig(Section):
+    """Experiment tracking in MLflow (see :mod:`pipelines.run.tracking`)."""
+
+    #: Off: MLflow is not even imported.
+    enabled: bool = True
+    #: The tracking store: a tracking server's URL (``http://host:5000``) or any store URI MLflow
+    #: accepts. ``null``: an SQLite file, ``<output_root>/mlflow.db`` when the output root is
+    #: local, else a file in the driver's temp dir (with a warning: set a server's URL then).
+    uri: str | None = None
+    #: Where a *new* experiment keeps its artifacts; ``null``: beside an SQLite store
+    #: (``<its folder>/mlartifacts``), else the tracking server's default.
+    artifact_location: str | None = None
+    experiment: str = "spark-image-pipelines"
+    #: Log the fitted models (Spark ``PipelineModel``, Keras) with their signatures.
+    log_models: bool = True
+
+    @model_validator(mode="after")
+    def _local_sqlite(self) -> TrackingConfig:
+        path = (self.uri or "").removeprefix("sqlite:///")
+        if (self.enabled and (self.uri or "").startswith("sqlite:///")
+                and "{output_root}" not in path and "://" in path
+                and not path.startswith("file://")):
+            raise ValueError(
+                "an SQLite tracking store must be a local file (the output root is not local?); "
+                "set tracking.uri to a tracking server or a local sqlite:/// path, or "
+                f"tracking.enabled=false. Received: tracking.uri={self.uri!r}"
             )
         return self
 
@@ -453,6 +488,7 @@ class Config(Section):
     export: ExportConfig = Field(default_factory=ExportConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     def digest(self, *sections: str) -> str:
         """SHA-256 of the given sections (default: all), stable across runs."""

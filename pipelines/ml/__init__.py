@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from pipelines.ml.tf_logging import quiet_tensorflow_import
+
 if TYPE_CHECKING:
     from pipelines.ml.classifier import KerasImageClassifier
     from pipelines.ml.estimator import KerasImageEstimator
@@ -48,6 +50,11 @@ __all__ = [
     "register_keras_image_udf",
     "registerKerasImageUDF",
 ]
+
+
+# In a Python worker this package is imported (to unpickle a UDF) before TensorFlow: its
+# import-time banner then obeys TF_CPP_MIN_LOG_LEVEL, as in the driver (see tf_logging).
+quiet_tensorflow_import()
 
 
 def __getattr__(name: str) -> Any:

@@ -68,6 +68,7 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
     except ConfigError as exc:
         logger.error("%s: %s", name, exc)
         return EXIT_USAGE
+    from pipelines.run.progress import SparkProgress
     from pipelines.run.session import build_session, connect_remote  # pyspark's JVM glue
 
     remote = connect_remote()
@@ -85,7 +86,8 @@ def run_job(name: str, stage: Stage, argv: Sequence[str] | None = None,
         logger.error("%s: %s", name, exc)
         return EXIT_USAGE
     try:
-        summary = stage(spark, config)
+        with SparkProgress(spark, config.pipeline.progress_seconds):
+            summary = stage(spark, config)
     except RunLocked as exc:
         logger.error("%s did not start: %s", name, exc)
         return EXIT_LOCKED

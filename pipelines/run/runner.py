@@ -48,8 +48,10 @@ from pipelines.run.manifest import (
     stale_reason,
     utc_now,
 )
+from pipelines.run.progress import label as progress_label
 from pipelines.run.report import run_report, stamp_run_status
 from pipelines.run.state import Heartbeat, RunLock, holder_identity
+from pipelines.run.tracking import Tracking, call_stage
 from pipelines.stages.augment import run_augment
 from pipelines.stages.export import run_export
 from pipelines.stages.ingest import run_ingest
@@ -237,6 +239,7 @@ def _run_stages(
     store.remove_leftovers()
     started = time.perf_counter()
     digests: dict[str, dict[str, Any]] = {}  # content fingerprints, valid until a stage runs
+    tracking = Tracking.start(spark, config, run)
     total = len(plan.stages)
     for index, spec in enumerate(plan.stages, 1):
         label = f"stage {index}/{total} {spec.name}"
@@ -248,18 +251,18 @@ def _run_stages(
         try:
             action, reason, manifest = _run_stage(
                 spark, config, spec, store, storage, run["run_id"], plan.force, label,
-                registry, digests,
+                tracking, registry, digests,
             )
         except Exception as exc:
             seconds = time.perf_counter() - t0
             cause = f"{type(exc).__name__}: {exc}"
             logger.exception("%s: failed after %.1f s: %s", label, seconds, cause)
             record.update(action="failed", reason=cause, seconds=round(seconds, 3))
-            _finish(summary, config, "failed", started)
+            _finish(summary, config, "failed", started, tracking)
             raise StageFailed(f"stage {spec.name!r} failed: {cause}") from exc
         record.update(action=action, reason=reason, seconds=round(time.perf_counter() - t0, 3),
                       stage_seconds=manifest.get("seconds"), counts=manifest.get("counts", {}))
-    _finish(summary, config, "succeeded", started)
+    _finish(summary, config, "succeeded", started, tracking)
     ran = sum(1 for r in run["stages"] if r.get("action") == "ran")
     skipped = sum(1 for r in run["stages"] if r.get("action") == "skipped")
     logger.info("pipeline finished in %.1f s: %d ran, %d up to date; run summary %s",
@@ -269,7 +272,7 @@ def _run_stages(
 
 def _run_stage(
     spark: SparkSession, config: Config, spec: StageSpec, store: ManifestStore,
-    storage: Storage, run_id: str, force: bool, label: str,
+    storage: Storage, run_id: str, force: bool, label: str, tracking: Tracking,
     registry: Sequence[StageSpec] = STAGES, digests: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, str, dict[str, Any]]:
     config_digest = config.digest(*spec.sections)
@@ -292,7 +295,8 @@ def _run_stage(
         digests.clear()  # the stage may rewrite what later stages read
     maybe_fail(f"runner.{spec.name}.start")
     started_at, t0 = utc_now(), time.perf_counter()
-    summary = spec.run(spark, config)
+    with progress_label(spec.name), tracking.stage(spec.name, spec.sections) as tracker:
+        summary = call_stage(spec.run, spark, config, tracker)
     seconds = time.perf_counter() - t0
     maybe_fail(f"runner.{spec.name}.finish")
     spark.catalog.clearCache()
@@ -403,7 +407,8 @@ def _check_config_keys(config: Config, spec: StageSpec) -> None:
             ) from None
 
 
-def _finish(summary: RunSummary, config: Config, status: str, started: float) -> None:
+def _finish(summary: RunSummary, config: Config, status: str, started: float,
+            tracking: Tracking) -> None:
     summary.update(status=status, finished_at=utc_now(),
                    seconds=round(time.perf_counter() - started, 3))
     try:
@@ -418,3 +423,4 @@ def _finish(summary: RunSummary, config: Config, status: str, started: float) ->
                 store.write({**manifest, "outputs": outputs})
     except Exception as exc:  # the run's own outcome matters more than the page's status line
         logger.warning("could not write the run's status into the report page: %s", exc)
+    tracking.finish(summary.run)

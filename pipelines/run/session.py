@@ -21,6 +21,7 @@ from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
 from pipelines.config import ConfigError, SparkConfig
+from pipelines.run.logs import tensorflow_env
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ def build_session(config: SparkConfig, app_name: str | None = None) -> SparkSess
         builder = builder.config("spark.log.level", config.log_level)
     for key, value in config.conf.items():
         if not submitted.contains(key):
+            builder = builder.config(key, value)
+    for name, value in tensorflow_env().items():
+        # Python workers on executors get the driver's TensorFlow log threshold (local-mode
+        # workers also inherit the driver's environment).
+        key = f"spark.executorEnv.{name}"
+        if not submitted.contains(key) and key not in config.conf:
             builder = builder.config(key, value)
     master = submitted.get("spark.master", config.master)
     python = os.environ.get("PYSPARK_PYTHON") or submitted.get("spark.pyspark.python", "")

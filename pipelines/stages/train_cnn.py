@@ -29,6 +29,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ from pipelines.stages.evaluation import (
     confusion_matrix_png,
     training_curves_png,
 )
+from pipelines.stages.tracker import NO_TRACKER, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,6 @@ OUTPUT_FILES = (
     "model.keras", "summary.txt", "metrics.json", "history.csv",
     "training_curves.png", "confusion_matrix.png",
 )
-_VERBOSE = {"bar": 1, "epoch": 2, "off": 0}
 #: Settings that do not change what is trained (a run may resume across changes of these).
 #: ``num_workers`` and ``ensemble`` are left out of this set: they change how it is trained.
 _NOT_TRAINING = {"output", "checkpoint_dir", "resume", "progress", "tensorboard", "architectures"}
@@ -83,11 +84,18 @@ def checkpoint_dir(cfg: CnnConfig) -> Path:
     return Path(tempfile.gettempdir()) / "spark-image-pipelines" / f"cnn-{digest}"
 
 
-def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
-    """The train_cnn job: train, evaluate on the test split, publish the outputs."""
+def run_train_cnn(spark: SparkSession, config: Config,
+                  tracker: Tracker = NO_TRACKER) -> dict[str, Any]:
+    """The train_cnn job: train, evaluate on the test split, publish the outputs.
+
+    ``tracker`` gets the metrics of every epoch, the model summary and history, and the
+    trained model (the runner logs the files in ``artifacts``).
+    """
     cfg = config.cnn
     storage = Storage(spark)
-    summary, publish_dir = train_cnn(cfg, spark)
+    summary, publish_dir = train_cnn(cfg, spark, tracker, config.pipeline.progress_seconds)
+    for name in ("summary.txt", "history.csv"):  # beside the files listed in "artifacts"
+        tracker.log_artifact(str(publish_dir / name))
     with storage.staged_dir(cfg.output) as tmp:
         for path in sorted(publish_dir.rglob("*")):
             if path.is_file():
@@ -103,13 +111,15 @@ def run_train_cnn(spark: SparkSession, config: Config) -> dict[str, Any]:
     return summary
 
 
-def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None
+def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None,
+              tracker: Tracker = NO_TRACKER, progress_seconds: float = 15.0
               ) -> tuple[dict[str, Any], Path]:
     """Train and evaluate; write every output under ``<checkpoint_dir>/publish``.
 
     Returns the summary written to ``metrics.json`` and the publish folder.
     Training on the driver needs no SparkSession (the driver reads Parquet itself); on the
-    executors (``num_workers`` > 0 or ``ensemble`` > 1) it needs ``spark``.
+    executors (``num_workers`` > 0 or ``ensemble`` > 1) it needs ``spark``. Driver training
+    logs progress at most every ``progress_seconds`` within an epoch and at every epoch's end.
     """
     started = time.perf_counter()
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -156,7 +166,8 @@ def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None
                              f"cnn.num_workers={cfg.num_workers}, cnn.ensemble={cfg.ensemble}")
         trained, feed, extra = _train_with_estimator(spark, cfg, plan, work)
     else:
-        trained, feed = _train_on_driver(cfg, plan, train, validation, counts, work, resume_epoch)
+        trained, feed = _train_on_driver(cfg, plan, train, validation, counts, work, resume_epoch,
+                                         tracker, progress_seconds)
         extra = {}
     model, history = trained.model, trained.history
     text = summary_text(model)
@@ -210,13 +221,22 @@ def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None
     logger.info("cnn: test %s, fit %.1fs, wall %.1fs",
                 {k: v for k, v in (evaluation or {}).items() if k in ("loss", "top1", "keras")},
                 fit_seconds, summary["wall_seconds"])
+    tracker.log_keras_model(model)
     return summary, publish
 
 
 def _train_on_driver(cfg: CnnConfig, plan: TrainingPlan, train: Any, validation: Any,
-                     counts: dict[str, int], work: Path, resume_epoch: int | None
-                     ) -> tuple[TrainResult, str]:
-    """Keras ``fit`` on the driver, fed from Parquet in memory or streamed; resumable."""
+                     counts: dict[str, int], work: Path, resume_epoch: int | None,
+                     tracker: Tracker, progress_seconds: float) -> tuple[TrainResult, str]:
+    """Keras ``fit`` on the driver, fed from Parquet in memory or streamed; resumable.
+
+    Progress: plain log lines (:class:`~pipelines.ml.callbacks.EpochProgress`), Keras' own bar
+    only on a terminal; ``tracker`` gets every epoch's metrics.
+    """
+    import keras
+
+    from pipelines.ml.callbacks import EpochProgress  # imports Keras
+
     held_mb = (train.nbytes() + validation.nbytes()) / 2**20
     in_memory = held_mb <= cfg.in_memory_mb
     logger.info("cnn: train + validation images take %.1f MiB as uint8: %s (cnn.in_memory_mb=%s)",
@@ -227,10 +247,16 @@ def _train_on_driver(cfg: CnnConfig, plan: TrainingPlan, train: Any, validation:
                             cfg.shuffle_buffer, cfg.seed, plan.spec.shift_pixels, in_memory)
     val_ds = make_dataset(validation, batch_size, plan.num_classes, cfg.read_batch_rows,
                           in_memory=in_memory)
-    failpoint = _failpoint_callback()
+    verbose = _keras_verbose(cfg.progress)
+    callbacks = [_failpoint_callback(), EpochProgress(
+        "cnn", plan.spec.epochs, counts[cfg.train_split], batch_size, progress_seconds,
+        within_epoch=cfg.progress != "off" and not verbose)]
+    if tracker.enabled:
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: tracker.log_metrics(logs or {}, step=epoch + 1)))
     trained = train_model(plan, train_ds, val_ds, steps(counts[cfg.train_split], batch_size),
-                          work, verbose=_VERBOSE[cfg.progress], tensorboard=cfg.tensorboard,
-                          resumed_from_epoch=resume_epoch, extra_callbacks=[failpoint])
+                          work, verbose=verbose, tensorboard=cfg.tensorboard,
+                          resumed_from_epoch=resume_epoch, extra_callbacks=callbacks)
     return trained, "in_memory" if in_memory else "streamed"
 
 
@@ -280,6 +306,12 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
         fit_seconds, best = summary["fit_seconds"], summary["best_epoch"]
     feed = "executors" if cfg.num_workers else "collected_to_driver"
     return TrainResult(model, history, best, fit_seconds), feed, extra
+
+
+def _keras_verbose(progress: str) -> int:
+    """Keras' own progress bar only on a terminal: elsewhere (a scheduler's log) it writes
+    carriage returns and escapes; :class:`EpochProgress` logs plain lines instead."""
+    return int(progress == "bar" and sys.stdout.isatty() and sys.stderr.isatty())
 
 
 def _image_rows(spark: SparkSession, inputs: list[str]) -> DataFrame:

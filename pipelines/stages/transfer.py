@@ -43,6 +43,7 @@ from pipelines.ml.applications import MODELS, resolve_size
 from pipelines.ml.featurizer import DeepImageFeaturizer, describe_weights
 from pipelines.ml.precision import resolve_precision
 from pipelines.stages.evaluation import classification_metrics, confusion_matrix_png
+from pipelines.stages.tracker import NO_TRACKER, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,18 @@ RANDOM_WEIGHTS_NOTE = (
 )
 
 
-def run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
+def run_transfer(spark: SparkSession, config: Config,
+                 tracker: Tracker = NO_TRACKER) -> dict[str, Any]:
     """Fit and evaluate the transfer-learning pipeline; returns the metrics summary.
+
+    ``tracker`` gets the fitted ``PipelineModel`` (the runner logs the files in ``artifacts``).
 
     Spark sends the featurizer ``transfer.arrow_max_records`` rows per Arrow batch while this
     stage runs; the session's own setting is restored afterwards for the stages that follow.
     """
     arrow_batch = str(config.transfer.arrow_max_records)
     with _session_conf(spark, "spark.sql.execution.arrow.maxRecordsPerBatch", arrow_batch):
-        return _run_transfer(spark, config)
+        return _run_transfer(spark, config, tracker)
 
 
 @contextmanager
@@ -77,7 +81,7 @@ def _session_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
             spark.conf.set(key, previous)
 
 
-def _run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
+def _run_transfer(spark: SparkSession, config: Config, tracker: Tracker) -> dict[str, Any]:
     cfg = config.transfer
     started = time.perf_counter()
     storage = Storage(spark)
@@ -175,6 +179,7 @@ def _run_transfer(spark: SparkSession, config: Config) -> dict[str, Any]:
     storage.write_bytes(summary["artifacts"]["confusion_matrix"],
                         confusion_matrix_png(matrix, names, title))
     storage.write_text(summary["artifacts"]["metrics"], json.dumps(summary, indent=2) + "\n")
+    tracker.log_spark_model(model, test.select("image"))
     logger.info(
         "transfer: top-1 %.4f, weighted F1 %.4f on %d test images (weights: %s)",
         scores["top1"], scores["weighted_f1"], counts["test"], weights_used,
