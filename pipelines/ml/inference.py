@@ -28,7 +28,15 @@ import numpy as np
 from pyspark.ml.functions import predict_batch_udf
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import BinaryType, DataType, IntegerType, StructField, StructType
+from pyspark.sql.types import (
+    ArrayType,
+    BinaryType,
+    DataType,
+    FloatType,
+    IntegerType,
+    StructField,
+    StructType,
+)
 
 from pipelines.imaging.image_struct import (
     IMAGE_STRUCT,
@@ -47,6 +55,10 @@ InputKind = Literal["struct", "binary"]
 STRUCT_FIELDS = tuple(IMAGE_STRUCT.fieldNames())
 #: Field of every :func:`image_predict_udf` result: 1 for a valid image, 0 for null/undecodable.
 VALID = "valid"
+#: The UDF output of a stage whose model returns one flat vector per row: the values, and
+#: whether the row's input was valid.
+VALUES_OUTPUT = StructType([StructField("values", ArrayType(FloatType())),
+                            StructField(VALID, IntegerType())])
 
 #: The model side of :func:`image_predict_udf`: uint8 (N, H, W, C) RGB -> output name -> array.
 BatchPredict = Callable[[np.ndarray], Mapping[str, np.ndarray]]

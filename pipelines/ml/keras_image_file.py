@@ -40,18 +40,13 @@ from pyspark.ml.util import DefaultParamsReadable
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
-    ArrayType,
     BinaryType,
-    FloatType,
-    IntegerType,
     StringType,
-    StructField,
-    StructType,
 )
 
 from pipelines.imaging.image_struct import OCV_FLOAT_MODE_BY_CHANNELS
 from pipelines.ml.classifier import file_model_loader, prepared_model
-from pipelines.ml.inference import VALID, apply_handle_invalid, when_valid
+from pipelines.ml.inference import VALID, VALUES_OUTPUT, apply_handle_invalid, when_valid
 from pipelines.ml.params import (
     FunctionParamsWritable,
     HasBatchSize,
@@ -68,8 +63,6 @@ from pipelines.ml.shipping import ModelFile
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = StructType([StructField("values", ArrayType(FloatType())),
-                      StructField(VALID, IntegerType())])
 
 
 class KerasImageFileTransformerParams(HasInputCol, HasOutputCol, HasModelFile, HasOutputMode,
@@ -204,7 +197,7 @@ def _predict_udf(model_file: ModelFile, loader: Any, dims: tuple[int, ...], as_i
 
         return predict
 
-    udf = predict_batch_udf(make, return_type=OUTPUTS, batch_size=batch_size)
+    udf = predict_batch_udf(make, return_type=VALUES_OUTPUT, batch_size=batch_size)
     return udf.asNondeterministic()
 
 

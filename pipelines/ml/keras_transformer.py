@@ -36,14 +36,11 @@ from pyspark.sql.types import (
     ArrayType,
     DataType,
     FloatType,
-    IntegerType,
     NumericType,
-    StructField,
-    StructType,
 )
 
 from pipelines.ml.classifier import file_model_loader, prepared_model
-from pipelines.ml.inference import VALID, apply_handle_invalid, when_valid
+from pipelines.ml.inference import VALID, VALUES_OUTPUT, apply_handle_invalid, when_valid
 from pipelines.ml.params import (
     HasBatchSize,
     HasHandleInvalid,
@@ -57,8 +54,6 @@ from pipelines.ml.shipping import ModelFile
 
 logger = logging.getLogger(__name__)
 
-OUTPUTS = StructType([StructField("values", ArrayType(FloatType())),
-                      StructField(VALID, IntegerType())])
 
 
 class KerasTransformerParams(HasInputCol, HasOutputCol, HasModelFile, HasHandleInvalid,
@@ -157,6 +152,6 @@ def _predict_udf(model_file: ModelFile, dims: tuple[int, ...], batch_size: int):
         return predict
 
     size = math.prod(dims)
-    udf = predict_batch_udf(make, return_type=OUTPUTS, batch_size=batch_size,
+    udf = predict_batch_udf(make, return_type=VALUES_OUTPUT, batch_size=batch_size,
                             input_tensor_shapes=[[size], None])
     return udf.asNondeterministic()
