@@ -37,6 +37,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 from pipelines.config import load_config  # noqa: E402
+from pipelines.ml.distributed import BIND_CORES_CONF  # noqa: E402
 from pipelines.ml.estimator import KerasImageEstimator  # noqa: E402
 from pipelines.stages.ingest import mnist_frame  # noqa: E402
 from pipelines.stages.mnist import MnistArrays, fetch_mnist, load_mnist  # noqa: E402
@@ -56,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="global batch")
     parser.add_argument("--executor-memory", default="2048", help="MiB per executor")
     parser.add_argument("--modes", default="2,1,0", help="numWorkers values, in turn")
+    parser.add_argument("--bind", default="always", choices=("always", "auto", "never"),
+                        help="spark.pipelines.training.bindCores: always gives every worker "
+                             "exactly its core (the baseline too); auto leaves a lone worker "
+                             "unbound, so it also uses the idle core for TensorFlow's helper "
+                             "threads")
     args = parser.parse_args(argv)
 
     from pyspark.sql import SparkSession
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
              .config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.driver.memory", "2g")
+             .config(BIND_CORES_CONF, args.bind)
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     frame = mnist_frame(spark, train, 0).where("split = 'train'").cache()
@@ -77,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [int(m) for m in args.modes.split(",")]
     results: dict[int, list[dict]] = {m: [] for m in modes}
     print(f"{rows} train rows, {args.architecture}, {args.epochs} epochs, global batch "
-          f"{args.batch_size}, modes {modes}, {args.repeats} repeats", flush=True)
+          f"{args.batch_size}, modes {modes}, {args.repeats} repeats, bindCores={args.bind}",
+          flush=True)
     for repeat in range(args.repeats):
         for workers in modes:
             estimator = KerasImageEstimator(
@@ -90,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
             run = {"images_s": images_per_second(summary, rows), "wall": wall,
                    "epochs": [round(s, 2) for s in summary["epoch_seconds"]],
                    "loss": summary["history"]["loss"][-1],
-                   "digests": len(set(summary.get("digests") or [summary["digest"]]))}
+                   "digests": len(set(summary.get("digests") or [summary["digest"]])),
+                   "cores": summary.get("cores")}
             results[workers].append(run)
             print(f"repeat {repeat + 1} numWorkers={workers}: {run['images_s']:.0f} images/s, "
                   f"epochs {run['epochs']} s, fit wall {wall:.1f} s, last loss "
-                  f"{run['loss']:.4f}, distinct final weights {run['digests']}", flush=True)
+                  f"{run['loss']:.4f}, distinct final weights {run['digests']}, rank 0 bound "
+                  f"to CPUs {run['cores']}", flush=True)
     spark.stop()
 
     median = {m: statistics.median(r["images_s"] for r in results[m]) for m in modes}

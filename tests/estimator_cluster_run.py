@@ -112,6 +112,7 @@ def main(out_path: str) -> None:
                  loaded.transform(test).orderBy("id").select("probability").collect()]
         summary = model.trainingSummary
         return {"digests": summary["digests"], "history": summary["history"],
+                "worker_cores": summary["worker_cores"],
                 "top1": top1(model, test), "model_path": model.getModelPath(),
                 "loaded_uid_equal": loaded.uid == model.uid,
                 "loaded_params_equal": loaded.extractParamMap() == model.extractParamMap(),

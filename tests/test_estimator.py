@@ -127,3 +127,31 @@ def test_bad_columns_labels_and_batch_split_are_named(frames, tmp_path):
         _estimator(tmp_path, numClasses=5).fit(labelled)
     with pytest.raises(ValueError, match="multiple of numWorkers.*batchSize=33, numWorkers=2"):
         _estimator(tmp_path, numWorkers=2, batchSize=33).fit(labelled)
+
+
+@pytest.mark.parametrize(("mode", "rank", "hosts", "cpus", "allowed", "cores"), [
+    ("auto", 1, ["a", "a"], 1, [0, 1], [1]),            # two workers on one host: one core each
+    ("auto", 2, ["a", "b", "a", "a"], 2, list(range(8)), [2, 3]),  # by rank among a's workers
+    ("auto", 0, ["a", "b"], 1, [0, 1], None),           # alone on its host: left unbound
+    ("always", 0, ["a"], 2, [4, 5, 6], [4, 5]),         # the process's own CPUs, in order
+    ("never", 1, ["a", "a"], 1, [0, 1], None),
+    ("auto", 1, ["a", "a"], 2, [0, 1], None),           # 2 x 2 CPUs asked, 2 available
+    ("always", 0, ["a"], 1, [], None),                  # no affinity API (not Linux)
+])
+def test_training_workers_bind_to_their_own_cores(mode, rank, hosts, cpus, allowed, cores):
+    from pipelines.ml.distributed import worker_cores
+
+    assert worker_cores(mode, rank, hosts, cpus, allowed) == cores
+
+
+def test_bind_cores_conf_value_is_checked(spark, frames):
+    from pipelines.ml.distributed import BIND_CORES_CONF
+
+    spark.conf.set(BIND_CORES_CONF, "sometimes")
+    try:
+        with pytest.raises(ValueError, match=r"bindCores must be one of auto, always, never\. "
+                                             r"Received: 'sometimes'"):
+            KerasImageEstimator(architecture=json.dumps(TINY), numWorkers=1,
+                                numClasses=10).fit(frames[0])
+    finally:
+        spark.conf.unset(BIND_CORES_CONF)

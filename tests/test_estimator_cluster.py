@@ -42,6 +42,9 @@ def test_two_worker_fit_ends_with_identical_weights_and_matches_driver_training(
     assert record["executors"] == 3  # the driver's block manager + two executor JVMs
     two, driver = _ok(record["two_workers"]), _ok(record["driver"])
     assert len(two["digests"]) == 2 and two["digests"][0] == two["digests"][1]
+    # Both workers share this host: bound (bindCores=auto) to one core each, not the same one.
+    (first,), (second,) = two["worker_cores"]
+    assert first != second
     assert len(two["history"]["val_loss"]) == 2  # validated every epoch
     assert abs(two["top1"] - driver["top1"]) <= 0.003
     assert two["top1"] >= 0.95 and driver["top1"] >= 0.95

@@ -23,7 +23,17 @@ members) as K tasks of one Spark job, each training one model with Keras ``fit``
 Why a child process per task: a TensorFlow process can join one collective cluster only, once,
 and fixes its thread pools at start; Spark reuses Python workers. The child gets
 ``spark.task.cpus`` threads, dies with its task (``PR_SET_PDEATHSIG``), and a child that dies
-fails its task with its exit code and the end of its log. Collectives have a timeout
+fails its task with its exit code and the end of its log.
+
+Core binding (Spark conf :data:`BIND_CORES_CONF`): TensorFlow's thread pools (tf.data's, the
+inter-op pool, gRPC) run beside the ``spark.task.cpus`` compute threads, so an unbound worker
+takes more than its cores, and workers that share a host slow each other down. With ``auto``
+(the default), when several workers of the barrier stage are on one host, each is bound to its
+own ``spark.task.cpus`` of the host's CPUs (``sched_setaffinity``, by rank among the host's
+workers), as ``mpirun --bind-to core`` does; a worker alone on its host is left unbound, since
+its container may see CPUs it does not own. ``always`` binds also a lone worker (benchmarks
+compare 1 and 2 workers on one core each with it); ``never`` switches binding off. Binding is
+skipped when the host's workers need more CPUs than the process may use. Collectives have a timeout
 (``CommunicationOptions(timeout_seconds=...)``), so a worker whose peer died stops with an error
 rather than waiting for ever; Spark then fails the barrier stage (and retries it as a whole, up
 to ``spark.stage.maxConsecutiveAttempts``).
@@ -59,10 +69,14 @@ logger = logging.getLogger(__name__)
 
 #: Spark local property read by the tasks: ``"<rank>:<step>"`` kills that worker (tests).
 KILL_PROPERTY = "pipelines.training.kill"
+#: Spark conf: ``auto`` (default), ``always`` or ``never`` bind training workers to cores.
+BIND_CORES_CONF = "spark.pipelines.training.bindCores"
+_BIND_MODES = ("auto", "always", "never")
 #: The columns the tasks read, in Arrow (what :func:`pipelines.ml.datasets.decode_batch` takes).
 SHARD_COLUMNS = ("label", "data", "height", "width", "channels")
 _RESULT_SCHEMA = "rank int, result string, model binary"
 _LOG_TAIL = 3000
+_GRADIENT_PACK_BYTES = 64 * 1024 * 1024
 
 
 class TrainingWorkerError(RuntimeError):
@@ -97,6 +111,7 @@ def fit_multi_worker(
     start = Path(plan.start_model).read_bytes() if plan.start_model else None
     plan_json = plan.to_json()
     kill = spark.sparkContext.getLocalProperty(KILL_PROPERTY)
+    bind = bind_mode(spark.conf.get(BIND_CORES_CONF, "auto"))
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -112,7 +127,8 @@ def fit_multi_worker(
             np.savez(work / "train.npz", x=images, y=labels)
             port = _free_port()
             host = context.getTaskInfos()[rank].address.rsplit(":", 1)[0]
-            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "rows": len(labels)})
+            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "host": host,
+                             "rows": len(labels)})
             peers = sorted((json.loads(m) for m in context.allGather(me)),
                            key=lambda p: p["rank"])
             rows = [p["rows"] for p in peers]
@@ -121,6 +137,8 @@ def fit_multi_worker(
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
                        start, val_file, work)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
+            job["cores"] = worker_cores(bind, rank, [p["host"] for p in peers], context.cpus(),
+                                        _allowed_cpus())
             (work / "job.json").write_text(json.dumps(job))
             tf_config = {"cluster": {"worker": [p["address"] for p in peers]},
                          "task": {"type": "worker", "index": rank}}
@@ -238,11 +256,46 @@ def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_
         plan["start_model"] = str(work / "start.keras")
     return {
         "plan": json.dumps(plan), "mode": mode, "rank": rank, "num_workers": workers,
-        "threads": max(1, int(cpus)), "timeout_s": timeout_s, "kill": kill,
+        "threads": max(1, int(cpus)), "timeout_s": timeout_s, "kill": kill, "cores": None,
         "train": str(work / "train.npz"),
         "validation": SparkFiles.get(val_file) if val_file else None,
         "started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
     }
+
+
+def bind_mode(value: str) -> str:
+    """The :data:`BIND_CORES_CONF` value, checked."""
+    mode = str(value).strip().lower()
+    if mode not in _BIND_MODES:
+        raise ValueError(f"{BIND_CORES_CONF} must be one of {', '.join(_BIND_MODES)}. "
+                         f"Received: {value!r}")
+    return mode
+
+
+def worker_cores(mode: str, rank: int, hosts: Sequence[str], cpus: int,
+                 allowed: Sequence[int]) -> list[int] | None:
+    """The CPUs worker ``rank`` binds to, or ``None`` to leave it unbound.
+
+    ``hosts`` is each worker's host, by rank; the workers on ``rank``'s host take consecutive
+    slices of ``cpus`` CPUs from ``allowed`` (the process's CPUs), in rank order.
+    """
+    local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+    if mode == "never" or (mode == "auto" and len(local) < 2):
+        return None
+    if not allowed:
+        return None
+    if len(local) * cpus > len(allowed):
+        logger.warning("not binding training worker %s to cores: %s workers x %s CPUs on its "
+                       "host, %s CPUs available", rank, len(local), cpus, len(allowed))
+        return None
+    start = local.index(rank) * cpus
+    return list(allowed[start:start + cpus])
+
+
+def _allowed_cpus() -> list[int]:
+    if not hasattr(os, "sched_getaffinity"):  # not Linux: no binding
+        return []
+    return sorted(os.sched_getaffinity(0))
 
 
 def _free_port() -> int:
@@ -302,6 +355,8 @@ def weights_digest(weights: Sequence[np.ndarray]) -> str:
 
 def _worker_main(work: Path) -> None:
     job = json.loads((work / "job.json").read_text())
+    if job["cores"]:  # before TensorFlow starts its thread pools, which inherit it
+        os.sched_setaffinity(0, job["cores"])
     import tensorflow as tf
 
     threads = job["threads"]
@@ -320,7 +375,8 @@ def _worker_main(work: Path) -> None:
         result = _train_single(plan, train, validation, work, job)
     else:
         result = _train_multi(plan, train, validation, work, job)
-    result.update(rank=job["rank"], threads=threads, host=job["host"], pid=os.getpid(),
+    result.update(rank=job["rank"], threads=threads, cores=job["cores"], host=job["host"],
+                  pid=os.getpid(),
                   task_started=job["started"], started=started, ended=time.time(),
                   rows=len(train[1]))
     (work / "result.json").write_text(json.dumps(result))
@@ -386,7 +442,10 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
 
     rank, workers = job["rank"], job["num_workers"]
     steps_per_epoch = job["steps_per_epoch"]
+    # One all-reduce per step for all the gradients (bytes_per_pack), not one per variable:
+    # each collective costs gRPC round trips, which dominated the step of a small model.
     options = tf.distribute.experimental.CommunicationOptions(
+        bytes_per_pack=_GRADIENT_PACK_BYTES,
         implementation=tf.distribute.experimental.CommunicationImplementation.RING,
         timeout_seconds=float(job["timeout_s"]))
     strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)

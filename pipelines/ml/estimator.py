@@ -243,7 +243,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
             outputs = fit_multi_worker(inputs.train_frame, plan, inputs.validation(), workers,
                                        self.getOrDefault(self.timeoutSeconds))
             trained = (outputs[0].model, {**outputs[0].result,
-                                          "digests": [o.result["digest"] for o in outputs]})
+                                          "digests": [o.result["digest"] for o in outputs],
+                                          "worker_cores": [o.result["cores"] for o in outputs]})
         return self._classifier([trained], plan)
 
     def fitMultiple(self, dataset: DataFrame, paramMaps):
