@@ -9,6 +9,10 @@ train rows with the same global batch, through :class:`KerasImageEstimator`:
 * ``numWorkers=1`` on the same cluster: one such worker, the whole batch (the baseline);
 * ``numWorkers=0``: Keras ``fit`` in the driver process, TensorFlow's default threads (all cores).
 
+Every training process is bound to its one core (``--bind always``, the Spark conf
+``spark.pipelines.training.bindCores``): unbound, a lone one-thread worker also used the idle
+core for TensorFlow's helper threads (118-127 % CPU), so "1 worker x 1 core" was not one core.
+
 Throughput is training images per second over the epochs after the first (the first holds
 graph tracing), taken from each run's own epoch timer (no validation in the runs); the fit's
 wall time (task start to model returned, including TensorFlow start-up) is printed beside it.
@@ -17,7 +21,8 @@ printed beside it (the runs train the same model the same way; a few hundred ste
 for the default CNN's batch-norm moving statistics to settle, so test accuracy after such short
 runs says nothing and is not printed). Target: 2 workers >= 1.7x 1 worker.
 
-    PYTHONPATH=. python benchmarks/distributed_training.py --rows 12000 --epochs 3 --repeats 3
+    PYTHONPATH=. python benchmarks/distributed_training.py --rows 12000 --epochs 3 --repeats 2 \
+        --modes 2,1
 """
 
 from __future__ import annotations

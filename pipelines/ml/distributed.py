@@ -322,8 +322,15 @@ def _run_child(work: Path, env: dict[str, str], label: str) -> dict[str, Any]:
     log = work / "worker.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.ml.distributed", str(work)],
-                                stdout=sink, stderr=subprocess.STDOUT, env=environment,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment,
                                 preexec_fn=_die_with_parent)
+        for line in proc.stdout:  # until the child exits (or dies)
+            sink.write(line)
+            # Our own log lines (epochs, progress) also go to the task's stderr, the executor
+            # log (the console in local mode); TensorFlow's chatter stays in the file.
+            if b" pipelines." in line:
+                sys.stderr.write(f"[{label}] {line.decode(errors='replace')}")
+                sys.stderr.flush()
         code = proc.wait()
     if code != 0:
         tail = log.read_bytes()[-_LOG_TAIL:].decode(errors="replace")
