@@ -23,7 +23,10 @@ members) as K tasks of one Spark job, each training one model with Keras ``fit``
 Why a child process per task: a TensorFlow process can join one collective cluster only, once,
 and fixes its thread pools at start; Spark reuses Python workers. The child gets
 ``spark.task.cpus`` threads, dies with its task (``PR_SET_PDEATHSIG``), and a child that dies
-fails its task with its exit code and the end of its log.
+fails its task with its exit code and the end of its log. Collectives have a timeout
+(``CommunicationOptions(timeout_seconds=...)``), so a worker whose peer died stops with an error
+rather than waiting for ever; Spark then fails the barrier stage (and retries it as a whole, up
+to ``spark.stage.maxConsecutiveAttempts``).
 
 Core binding (Spark conf :data:`BIND_CORES_CONF`): TensorFlow's thread pools (tf.data's, the
 inter-op pool, gRPC) run beside the ``spark.task.cpus`` compute threads, so an unbound worker
@@ -33,10 +36,7 @@ own ``spark.task.cpus`` of the host's CPUs (``sched_setaffinity``, by rank among
 workers), as ``mpirun --bind-to core`` does; a worker alone on its host is left unbound, since
 its container may see CPUs it does not own. ``always`` binds also a lone worker (benchmarks
 compare 1 and 2 workers on one core each with it); ``never`` switches binding off. Binding is
-skipped when the host's workers need more CPUs than the process may use. Collectives have a timeout
-(``CommunicationOptions(timeout_seconds=...)``), so a worker whose peer died stops with an error
-rather than waiting for ever; Spark then fails the barrier stage (and retries it as a whole, up
-to ``spark.stage.maxConsecutiveAttempts``).
+skipped when the host's workers need more CPUs than the process may use.
 
 Test hook: the Spark local property ``pipelines.training.kill`` = ``"<rank>:<step>"`` makes that
 worker's training process exit with code 137 before that step (global step count, from 1), as
@@ -106,12 +106,12 @@ def fit_multi_worker(
         TrainingWorkerError: a worker failed (the Spark job's error, with the worker's message).
     """
     spark = frame.sparkSession
+    bind = bind_mode(spark.conf.get(BIND_CORES_CONF, "auto"))
     shape = tuple(plan.spec.input_shape)
     val_file = _ship_arrays(spark, "validation", validation) if validation else None
     start = Path(plan.start_model).read_bytes() if plan.start_model else None
     plan_json = plan.to_json()
     kill = spark.sparkContext.getLocalProperty(KILL_PROPERTY)
-    bind = bind_mode(spark.conf.get(BIND_CORES_CONF, "auto"))
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -127,8 +127,7 @@ def fit_multi_worker(
             np.savez(work / "train.npz", x=images, y=labels)
             port = _free_port()
             host = context.getTaskInfos()[rank].address.rsplit(":", 1)[0]
-            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "host": host,
-                             "rows": len(labels)})
+            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "rows": len(labels)})
             peers = sorted((json.loads(m) for m in context.allGather(me)),
                            key=lambda p: p["rank"])
             rows = [p["rows"] for p in peers]
@@ -137,8 +136,8 @@ def fit_multi_worker(
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
                        start, val_file, work)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
-            job["cores"] = worker_cores(bind, rank, [p["host"] for p in peers], context.cpus(),
-                                        _allowed_cpus())
+            hosts = [p["address"].rsplit(":", 1)[0] for p in peers]
+            job["cores"] = worker_cores(bind, rank, hosts, job["threads"], _allowed_cpus())
             (work / "job.json").write_text(json.dumps(job))
             tf_config = {"cluster": {"worker": [p["address"] for p in peers]},
                          "task": {"type": "worker", "index": rank}}
@@ -280,9 +279,7 @@ def worker_cores(mode: str, rank: int, hosts: Sequence[str], cpus: int,
     slices of ``cpus`` CPUs from ``allowed`` (the process's CPUs), in rank order.
     """
     local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
-    if mode == "never" or (mode == "auto" and len(local) < 2):
-        return None
-    if not allowed:
+    if mode == "never" or (mode == "auto" and len(local) < 2) or not allowed:
         return None
     if len(local) * cpus > len(allowed):
         logger.warning("not binding training worker %s to cores: %s workers x %s CPUs on its "
@@ -383,9 +380,8 @@ def _worker_main(work: Path) -> None:
     else:
         result = _train_multi(plan, train, validation, work, job)
     result.update(rank=job["rank"], threads=threads, cores=job["cores"], host=job["host"],
-                  pid=os.getpid(),
-                  task_started=job["started"], started=started, ended=time.time(),
-                  rows=len(train[1]))
+                  pid=os.getpid(), task_started=job["started"], started=started,
+                  ended=time.time(), rows=len(train[1]))
     (work / "result.json").write_text(json.dumps(result))
 
 
