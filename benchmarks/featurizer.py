@@ -127,20 +127,20 @@ def _timed(fn, repeats: int, cpu: list[float] | None = None) -> list[float]:
     """Wall seconds of each of ``repeats`` calls; CPU seconds of this process tree to ``cpu``."""
     times = []
     for _ in range(repeats):
-        c, t = tree_cpu_seconds(), time.perf_counter()
+        c, t = tree_cpu(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
         if cpu is not None:
-            cpu.append(tree_cpu_seconds() - c)
+            cpu.append(cpu_seconds_since(c))
     return times
 
 
-def tree_cpu_seconds(root: int | None = None) -> float:
-    """CPU seconds (user + system, with reaped children) of a process and all its descendants.
+def tree_cpu(root: int | None = None) -> dict[int, float]:
+    """CPU seconds (user + system, with reaped children) of a process and each descendant.
 
     The Spark side runs in the JVM and Python workers below this process, so this counts the
     CPU both sides really used: unlike wall time it does not depend on how much of the machine
-    other jobs take.
+    other jobs take. Take the difference of two readings with :func:`cpu_seconds_since`.
     """
     root = os.getpid() if root is None else root
     stats: dict[int, tuple[int, float]] = {}
@@ -154,7 +154,7 @@ def tree_cpu_seconds(root: int | None = None) -> float:
             continue
         ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
         stats[int(entry)] = (int(fields[1]), ticks / os.sysconf("SC_CLK_TCK"))
-    tree, total = {root}, 0.0
+    tree = {root}
     changed = True  # pids can wrap, so parents may sort after children: loop to a fixpoint
     while changed:
         changed = False
@@ -162,9 +162,18 @@ def tree_cpu_seconds(root: int | None = None) -> float:
             if ppid in tree and pid not in tree:
                 tree.add(pid)
                 changed = True
-    for pid in tree:
-        total += stats.get(pid, (0, 0.0))[1]
-    return total
+    return {pid: stats[pid][1] for pid in tree if pid in stats}
+
+
+def cpu_seconds_since(before: dict[int, float], root: int | None = None) -> float:
+    """CPU seconds the process tree used since the :func:`tree_cpu` reading ``before``.
+
+    Per process, so one that ended in between (an idle Python worker Spark stopped) does not
+    subtract its whole past from the total; its last ticks are lost unless a process of the
+    tree reaped it.
+    """
+    after = tree_cpu(root)
+    return sum(max(0.0, seconds - before.get(pid, 0.0)) for pid, seconds in after.items())
 
 
 def _images(spark, path: str, count: int):

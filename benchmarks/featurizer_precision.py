@@ -29,6 +29,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -36,7 +37,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.featurizer import tree_cpu_seconds  # noqa: E402
+from benchmarks.featurizer import cpu_seconds_since, tree_cpu  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +67,7 @@ def main(argv=None) -> int:
     from pipelines.io.idx import read_idx
     from pipelines.ml.featurizer import DeepImageFeaturizer
     from pipelines.ml.inference import to_batch
+    from pipelines.ml.model_cache import BUILD_LOG_ENV
     from pipelines.ml.models import build_application, preprocess_fn
     from pipelines.ml.precision import resolve_precision
 
@@ -74,6 +76,13 @@ def main(argv=None) -> int:
     train_x = read_idx(os.path.join(args.mnist, "train-images-idx3-ubyte"))
     train_y = read_idx(os.path.join(args.mnist, "train-labels-idx1-ubyte"))
     auto, why = resolve_precision("auto")
+    # Workers inherit it from the JVM: one JSON line per model build (pipelines.ml.model_cache).
+    builds_log = tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False).name
+    os.environ[BUILD_LOG_ENV] = builds_log
+
+    def builds() -> int:
+        with open(builds_log) as fh:
+            return len(fh.read().splitlines())
 
     spark = (
         SparkSession.builder.master(f"local[{max(2, args.partitions)}]")
@@ -105,6 +114,12 @@ def main(argv=None) -> int:
         def through_spark():
             out.write.format("noop").mode("overwrite").save()
 
+        def keep_workers():
+            # Spark stops a Python worker idle for a minute, and its model with it; a bare run
+            # can last that long, so touch the workers after each one to keep the runs warm.
+            spark.range(0, args.partitions, 1, args.partitions).mapInPandas(
+                lambda batches: batches, "id long").write.format("noop").mode("overwrite").save()
+
         cold = _timed(through_spark)  # fresh workers: start, import, build, trace
 
         preprocess = preprocess_fn(args.model)
@@ -119,15 +134,21 @@ def main(argv=None) -> int:
             return run
 
         reference = np.asarray(bare("float32")(), dtype=np.float64)  # also its warm-up
+        keep_workers()
         bare("bfloat16")()
+        keep_workers()
+        warm_builds = builds()
         times: dict[str, list[float]] = {"float32": [], "bfloat16": [], "spark": []}
         cpu: dict[str, list[float]] = {"float32": [], "bfloat16": [], "spark": []}
         for _ in range(args.repeats):
             for name, fn in (("float32", bare("float32")), ("bfloat16", bare("bfloat16")),
                              ("spark", through_spark)):
-                c = tree_cpu_seconds()
+                c = tree_cpu()
                 times[name].append(_timed(fn))
-                cpu[name].append(tree_cpu_seconds() - c)
+                cpu[name].append(cpu_seconds_since(c))
+                if name != "spark":
+                    keep_workers()
+        rebuilt = builds() - warm_builds
 
         rows = sorted(out.collect(), key=lambda r: r.id)
         features = np.array([r.features.toArray() for r in rows])
@@ -168,6 +189,8 @@ def main(argv=None) -> int:
           f"target >= 1.8x)")
     print(f"ratio featurizer auto / bare bfloat16: {vs16:.2f}x (median of {args.repeats} rounds; "
           f"target >= 0.95x)")
+    print(f"model builds in the timed Spark runs: {rebuilt} (0: every run found its workers' "
+          f"models built)")
     print(f"cold start: first transform {n / cold:.1f} images/s = "
           f"{(n / cold) / rate['spark']:.2f}x warm ({cold:.1f} s; target >= 0.5x)")
     print(f"cosine(auto features, bare float32 features) per image: min {cosine.min():.5f}, "
