@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import MOBILENET_SIZE, make_digits
+from estimator_cluster_run import TINY
 from pyspark.ml import Pipeline, PipelineModel
 from pyspark.ml.classification import LogisticRegression
 from pyspark.sql import SparkSession
@@ -134,3 +135,37 @@ def test_pipeline_with_logistic_regression_fits_saves_and_loads(digits, mobilene
     before = model.transform(df).orderBy("id").select("id", "prediction").collect()
     after = loaded.transform(df).orderBy("id").select("id", "prediction").collect()
     assert before == after and len(after) == 12
+
+
+#: The cluster tests' small CNN, with batches that fit 40 rows (seconds per epoch).
+TINY_FAST = {**TINY, "batch_size": 8, "epochs": 1}
+
+
+def test_estimator_trains_on_the_executors_ensembles_and_scores(connect, tmp_path):
+    from pipelines.ml.estimator import KerasImageEstimator
+
+    pixels, labels = make_digits(40, seed=5)
+    schema = StructType([StructField("id", IntegerType()), StructField("label", IntegerType()),
+                         StructField("image", IMAGE_STRUCT)])
+    df = connect.createDataFrame(
+        [(i, int(labels[i]), array_to_struct(pixels[i])) for i in range(40)], schema)
+    base = {"architecture": TINY_FAST, "validationFraction": 0.2, "seed": 4,
+            "modelDir": str(tmp_path), "timeoutSeconds": 60.0}
+    ensemble = KerasImageEstimator(numWorkers=1, ensembleSize=2, **base).fit(df)
+    members = ensemble.trainingSummary["members"]
+    assert len(members) == 2 and members[0]["digest"] != members[1]["digest"]
+    assert {m["rows"] for m in members} == {members[0]["rows"]} and members[0]["rows"] > 20
+    scored = ensemble.transform(df).select("id", "prediction").collect()
+    assert len(scored) == 40 and all(0 <= r.prediction <= 9 for r in scored)
+
+    two = KerasImageEstimator(numWorkers=2, **base).fit(df)
+    digests = two.trainingSummary["digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    path = str(tmp_path / "classifier")
+    # Not .overwrite(): pyspark's DefaultParamsWriter calls the JVM for it (no Connect support);
+    # a Pipeline's writer does not.
+    two.write().save(path)
+    loaded = KerasImageClassifier.load(path)
+    before = two.transform(df).orderBy("id").select("probability").collect()
+    after = loaded.transform(df).orderBy("id").select("probability").collect()
+    assert before == after

@@ -66,7 +66,7 @@ def main(out_path: str) -> None:
     from pyspark.sql import functions as F
 
     from pipelines.ml.classifier import KerasImageClassifier
-    from pipelines.ml.distributed import KILL_PROPERTY
+    from pipelines.ml.distributed import KILL_CONF
     from pipelines.ml.estimator import KerasImageEstimator
     from pipelines.stages.ingest import mnist_frame
     from pipelines.stages.mnist import MnistArrays
@@ -138,12 +138,12 @@ def main(out_path: str) -> None:
                 "best_top1": top1(fitted.bestModel, test)}
 
     def killed_worker():
-        spark.sparkContext.setLocalProperty(KILL_PROPERTY, "1:3")
+        spark.conf.set(KILL_CONF, "1:3")
         try:
             estimator(numWorkers=2, epochs=3).fit(labelled)
             return {"error": None}
         finally:
-            spark.sparkContext.setLocalProperty(KILL_PROPERTY, None)
+            spark.conf.unset(KILL_CONF)
 
     scenario("two_workers", two_workers)
     scenario("driver", driver)

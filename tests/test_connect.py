@@ -3,8 +3,9 @@
 A classic SparkSession (this run's ``spark`` fixture) and a Connect session cannot live in one
 Python process, so the checks in ``tests/connect_checks.py`` run in a child pytest whose only
 session is ``SparkSession.builder.remote("local[2]")``: featurizer with a weights file,
-predictor, KerasImageClassifier, SQL UDF, and a Pipeline with LogisticRegression
-fit/save/load. The child's report is shown when it fails.
+predictor, KerasImageClassifier, SQL UDF, a Pipeline with LogisticRegression fit/save/load,
+and KerasImageEstimator (an ensemble trained as tasks, a two-worker barrier fit). The child's
+report is shown when it fails.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent
 
 
-def test_stages_and_sql_udf_work_on_a_spark_connect_session(tmp_path):
+def test_stages_estimator_and_sql_udf_work_on_a_spark_connect_session(tmp_path):
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
     env.pop("SPARK_REMOTE", None)
     result = subprocess.run(
@@ -27,7 +28,7 @@ def test_stages_and_sql_udf_work_on_a_spark_connect_session(tmp_path):
     )
     report = result.stdout[:12000] + result.stdout[-2000:] + result.stderr[-2000:]
     assert result.returncode == 0, report
-    assert "5 passed" in result.stdout, report
+    assert "6 passed" in result.stdout, report
 
 
 def test_a_job_asked_to_run_on_connect_stops_at_start_with_exit_code_2():

@@ -17,8 +17,15 @@ chief (rank 0) writes the model of the best epoch and the history.
 
 **Independent** (:func:`fit_independent`): K training plans (tuning candidates, ensemble
 members) as K tasks of one Spark job, each training one model with Keras ``fit``
-(:func:`pipelines.ml.training.train_model`) on the whole training set, shipped once with
-``SparkContext.addFile``.
+(:func:`pipelines.ml.training.train_model`) on the whole training set. The training rows reach
+the tasks through Spark itself: the DataFrame is cross-joined with the K plan numbers and
+range-partitioned on them, so each task receives a full copy (sorted in one fixed order, so a
+seed trains the same model every time); the driver never collects them.
+
+Both kinds of session, classic and Spark Connect, take the same path: DataFrame operations
+(``mapInArrow``, with ``barrier=True`` for the multi-worker stage) and Spark conf only, no
+``SparkContext``. The validation rows (collected on the driver, small) and a start model travel
+inside the task's function as ``.npz`` / ``.keras`` bytes.
 
 Why a child process per task: a TensorFlow process can join one collective cluster only, once,
 and fixes its thread pools at start; Spark reuses Python workers. The child gets
@@ -38,14 +45,15 @@ its container may see CPUs it does not own. ``always`` binds also a lone worker 
 compare 1 and 2 workers on one core each with it); ``never`` switches binding off. Binding is
 skipped when the host's workers need more CPUs than the process may use.
 
-Test hook: the Spark local property ``pipelines.training.kill`` = ``"<rank>:<step>"`` makes that
-worker's training process exit with code 137 before that step (global step count, from 1), as
-a ``kill -9`` would.
+Test hook: the Spark conf :data:`KILL_CONF` = ``"<rank>:<step>"`` makes that worker's training
+process exit with code 137 before that step (global step count, from 1), as a ``kill -9``
+would.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -55,7 +63,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,13 +74,15 @@ from pipelines.ml.training import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
-#: Spark local property read by the tasks: ``"<rank>:<step>"`` kills that worker (tests).
-KILL_PROPERTY = "pipelines.training.kill"
+#: Spark conf read when a fit starts: ``"<rank>:<step>"`` kills that worker (tests).
+KILL_CONF = "spark.pipelines.training.kill"
 #: Spark conf: ``auto`` (default), ``always`` or ``never`` bind training workers to cores.
 BIND_CORES_CONF = "spark.pipelines.training.bindCores"
 _BIND_MODES = ("auto", "always", "never")
 #: The columns the tasks read, in Arrow (what :func:`pipelines.ml.datasets.decode_batch` takes).
 SHARD_COLUMNS = ("label", "data", "height", "width", "channels")
+#: Which plan a row of the independent tasks' input belongs to, and its place in the data.
+_PLAN_COLUMN, _ROW_COLUMN = "_plan", "_row"
 _RESULT_SCHEMA = "rank int, result string, model binary"
 _LOG_TAIL = 3000
 _GRADIENT_PACK_BYTES = 64 * 1024 * 1024
@@ -108,10 +117,10 @@ def fit_multi_worker(
     spark = frame.sparkSession
     bind = bind_mode(spark.conf.get(BIND_CORES_CONF, "auto"))
     shape = tuple(plan.spec.input_shape)
-    val_file = _ship_arrays(spark, "validation", validation) if validation else None
+    val_npz = _npz_bytes(validation) if validation else None
     start = Path(plan.start_model).read_bytes() if plan.start_model else None
     plan_json = plan.to_json()
-    kill = spark.sparkContext.getLocalProperty(KILL_PROPERTY)
+    kill = spark.conf.get(KILL_CONF, None)
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -134,7 +143,7 @@ def fit_multi_worker(
             if min(rows) == 0:
                 raise ValueError(f"every worker needs training rows. Received shard sizes {rows}")
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
-                       start, val_file, work)
+                       start, val_npz, work)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
             hosts = [p["address"].rsplit(":", 1)[0] for p in peers]
             job["cores"] = worker_cores(bind, rank, hosts, job["threads"], _allowed_cpus())
@@ -159,57 +168,76 @@ def fit_multi_worker(
 
 
 def fit_independent(
-    spark: Any, plans: Sequence[TrainingPlan], train: tuple[np.ndarray, np.ndarray],
-    validation: tuple[np.ndarray, np.ndarray] | None, timeout_s: float,
+    frame: Any, plans: Sequence[TrainingPlan], validation: tuple[np.ndarray, np.ndarray] | None,
+    timeout_s: float,
 ) -> list[WorkerOutput]:
-    """Train each plan as its own Spark task (one job, ``len(plans)`` tasks) on all of ``train``.
+    """Train each plan as its own Spark task (one job, ``len(plans)`` tasks) on all of ``frame``
+    (columns :data:`SHARD_COLUMNS`).
 
     Returns the outputs in the order of ``plans``.
 
     Raises:
         TrainingWorkerError: a task failed.
     """
-    train_file = _ship_arrays(spark, "train", train)
-    val_file = _ship_arrays(spark, "validation", validation) if validation else None
-    jobs = []
-    for i, plan in enumerate(plans):
-        start = Path(plan.start_model).read_bytes() if plan.start_model else None
-        jobs.append((i, plan.to_json(), start))
-    kill = spark.sparkContext.getLocalProperty(KILL_PROPERTY)
+    from pyspark.sql import functions as F
 
-    def task(items: Iterator[tuple[int, str, bytes | None]]) -> Iterator[tuple[int, Any, str]]:
-        from pyspark import SparkFiles, TaskContext
+    spark = frame.sparkSession
+    shape = tuple(plans[0].spec.input_shape)
+    val_npz = _npz_bytes(validation) if validation else None
+    jobs = {i: (plan.to_json(), Path(plan.start_model).read_bytes() if plan.start_model
+                else None) for i, plan in enumerate(plans)}
+    kill = spark.conf.get(KILL_CONF, None)
+
+    def task(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+        from pyspark import TaskContext
+
+        from pipelines.ml.datasets import decode_batch
 
         cpus = TaskContext.get().cpus()
-        for index, plan_json, start in items:
+        for index, batch_list in _by_plan(batches):
+            images, labels = _decode_all(iter(batch_list), shape, decode_batch,
+                                         f"training rows of model {index}")
+            del batch_list
+            plan_json, start = jobs[index]
             work = Path(tempfile.mkdtemp(prefix=f"pipelines-train-model{index}-"))
             try:
+                np.savez(work / "train.npz", x=images, y=labels)
+                del images, labels
                 job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
-                           val_file, work)
-                job["train"] = SparkFiles.get(train_file)
+                           val_npz, work)
                 (work / "job.json").write_text(json.dumps(job))
                 out = _run_child(work, {}, f"training task for model {index}")
             finally:
                 _remove(work)
-            yield index, out["model"], out["result"]
+            yield pa.RecordBatch.from_pylist([out], schema=_arrow_schema())
 
-    context = spark.sparkContext
+    count = len(plans)
+    numbered = frame.select(*SHARD_COLUMNS).withColumn(_ROW_COLUMN,
+                                                       F.monotonically_increasing_id())
+    plan_ids = spark.range(0, count, 1, count).withColumnRenamed("id", _PLAN_COLUMN)
+    # Range partitioning on K distinct plan numbers gives each plan its own task; a task that
+    # still gets two (it cannot, short of Spark changing its sampling) trains them in turn.
+    copies = (plan_ids.crossJoin(numbered).repartitionByRange(count, _PLAN_COLUMN)
+              .sortWithinPartitions(_PLAN_COLUMN, _ROW_COLUMN))
     try:
-        rows = context.parallelize(jobs, len(jobs)).mapPartitions(task).collect()
+        rows = copies.mapInArrow(task, _RESULT_SCHEMA).collect()
     except Exception as exc:
         raise TrainingWorkerError(
-            f"training {len(plans)} models as Spark tasks failed: {_cause(exc)}") from exc
-    by_index = {i: WorkerOutput(model, json.loads(result)) for i, model, result in rows}
-    return [by_index[i] for i in range(len(plans))]
+            f"training {count} models as Spark tasks failed: {_cause(exc)}") from exc
+    by_index = {r["rank"]: WorkerOutput(r["model"], json.loads(r["result"])) for r in rows}
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        raise TrainingWorkerError(f"models {missing} got no training rows. Received "
+                                  f"{frame.count()} rows")
+    return [by_index[i] for i in range(count)]
 
 
-def _ship_arrays(spark: Any, name: str, arrays: tuple[np.ndarray, np.ndarray]) -> str:
-    """Write (images, labels) to a driver-local ``.npz`` and ``addFile`` it; returns its name."""
-    folder = Path(tempfile.mkdtemp(prefix="pipelines-train-data-"))
-    path = folder / f"{name}-{uuid.uuid4().hex}.npz"
-    np.savez(path, x=arrays[0], y=arrays[1])
-    spark.sparkContext.addFile(str(path))
-    return path.name
+def _npz_bytes(arrays: tuple[np.ndarray, np.ndarray]) -> bytes:
+    """(images, labels) as the bytes of an ``.npz`` file, to travel with a task's function."""
+    buffer = io.BytesIO()
+    np.savez(buffer, x=arrays[0], y=arrays[1])
+    return buffer.getvalue()
 
 
 def _arrow_schema() -> Any:
@@ -231,6 +259,22 @@ def _cause(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- task side
 
 
+def _by_plan(batches: Iterator[Any]) -> Iterator[tuple[int, list[Any]]]:
+    """Arrow batches sorted by :data:`_PLAN_COLUMN` -> (plan number, its batches), in turn."""
+    current, held = None, []
+    for batch in batches:
+        plans = batch.column(_PLAN_COLUMN).to_numpy()
+        for value in np.unique(plans):  # sorted, as the rows are
+            part = batch.filter(plans == value)
+            if current is not None and value != current:
+                yield current, held
+                held = []
+            current = int(value)
+            held.append(part)
+    if current is not None:
+        yield current, held
+
+
 def _decode_all(batches: Iterator[Any], shape: tuple[int, int, int], decode, where: str
                 ) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
@@ -245,19 +289,19 @@ def _decode_all(batches: Iterator[Any], shape: tuple[int, int, int], decode, whe
 
 
 def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_s: float,
-         kill: str | None, start: bytes | None, val_file: str | None, work: Path
+         kill: str | None, start: bytes | None, val_npz: bytes | None, work: Path
          ) -> dict[str, Any]:
-    from pyspark import SparkFiles
-
     plan = json.loads(plan_json)
     if start is not None:
         (work / "start.keras").write_bytes(start)
         plan["start_model"] = str(work / "start.keras")
+    if val_npz is not None:
+        (work / "validation.npz").write_bytes(val_npz)
     return {
         "plan": json.dumps(plan), "mode": mode, "rank": rank, "num_workers": workers,
         "threads": max(1, int(cpus)), "timeout_s": timeout_s, "kill": kill, "cores": None,
         "train": str(work / "train.npz"),
-        "validation": SparkFiles.get(val_file) if val_file else None,
+        "validation": str(work / "validation.npz") if val_npz is not None else None,
         "started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
     }
 

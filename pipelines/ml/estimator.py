@@ -19,6 +19,9 @@ label column in; a fitted :class:`~pipelines.ml.classifier.KerasImageClassifier`
 Validation: ``validationIndicatorCol`` (a boolean column; true rows validate, as in Spark's
 gradient-boosted trees) or ``validationFraction`` (a seeded random share of the rows). The
 validation rows are collected to the driver and given to every trainer: keep them small.
+
+Fitting works on classic and Spark Connect sessions alike (DataFrame operations only; see
+:mod:`pipelines.ml.distributed`).
 """
 
 from __future__ import annotations
@@ -250,8 +253,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
     def fitMultiple(self, dataset: DataFrame, paramMaps):
         """Models for every param map; with ``numWorkers`` > 0, trained as parallel tasks.
 
-        All candidates train in one Spark job, one model per task, each on the whole training
-        set (collected once on the driver and shipped with ``addFile``), so ``CrossValidator``
+        All candidates train in one Spark job, one model per task, each on a full copy of the
+        training rows that Spark delivers to its task, so ``CrossValidator``
         and ``TrainValidationSplit`` tune across the executors. Candidates with
         ``ensembleSize`` > 1, or ``numWorkers=0``, are fitted one by one as ``fit`` does.
         """
@@ -280,8 +283,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         inputs = self._inputs(dataset)
         plans = [e._plan(inputs.num_classes, bool(inputs.validation_rows)) for e in estimators]
         logger.info("fitting %s candidates as parallel Spark tasks", len(plans))
-        outputs = fit_independent(dataset.sparkSession, plans, inputs.train_arrays(),
-                                  inputs.validation(), self.getOrDefault(self.timeoutSeconds))
+        outputs = fit_independent(inputs.train_frame, plans, inputs.validation(),
+                                  self.getOrDefault(self.timeoutSeconds))
         return [e._classifier([(o.model, o.result)], plan)
                 for e, o, plan in zip(estimators, outputs, plans, strict=True)]
 
@@ -291,8 +294,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         if self.getOrDefault(self.numWorkers) > 0:
             from pipelines.ml.distributed import fit_independent
 
-            outputs = fit_independent(dataset.sparkSession, plans, inputs.train_arrays(),
-                                      inputs.validation(), self.getOrDefault(self.timeoutSeconds))
+            outputs = fit_independent(inputs.train_frame, plans, inputs.validation(),
+                                      self.getOrDefault(self.timeoutSeconds))
             return [(o.model, o.result) for o in outputs]
         return [_train_on_driver(plan, inputs.train_arrays(), inputs.validation())
                 for plan in plans]
