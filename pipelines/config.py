@@ -328,6 +328,11 @@ class CnnConfig(Section):
     #: K > 1 trains K models (seeds seed, seed+1, ...) and publishes one model averaging their
     #: probabilities; the members train as parallel executor tasks when num_workers > 0.
     ensemble: int = Field(default=1, ge=1)
+    #: Executor training's epoch checkpoints (``KerasImageEstimator.checkpointDir``): a folder
+    #: every executor reads and writes, a shared mount on a cluster; a retried barrier stage or
+    #: task, or a rerun with the same settings, resumes from the last finished epoch. ``null``:
+    #: none (a killed worker restarts its fit from epoch 1).
+    executor_checkpoint_dir: str | None = None
 
     @field_validator("checkpoint_dir")
     @classmethod

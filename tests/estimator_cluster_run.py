@@ -145,10 +145,28 @@ def main(out_path: str) -> None:
         finally:
             spark.conf.unset(KILL_CONF)
 
+    checkpoints = Path(out_path).parent / "checkpoints"
+
+    def resumed(kill: str, **params):
+        # Killed once, in epoch 2 of 3: the retried stage (or task) resumes from epoch 1.
+        spark.conf.set(KILL_CONF, kill)
+        try:
+            model = estimator(epochs=3, checkpointDir=str(checkpoints), **params).fit(labelled)
+        finally:
+            spark.conf.unset(KILL_CONF)
+        summary = model.trainingSummary
+        runs = summary.get("members", [summary])
+        return {"resumed_from_epoch": [r["resumed_from_epoch"] for r in runs],
+                "epochs": [len(r["history"]["loss"]) for r in runs],
+                "digests": summary.get("digests"), "top1": top1(model, test),
+                "left_behind": sorted(p.name for p in checkpoints.glob("*"))}
+
     scenario("two_workers", two_workers)
     scenario("driver", driver)
     scenario("cross_validation", cross_validation)
     scenario("killed_worker", killed_worker)
+    scenario("resumed_workers", lambda: resumed("1:16:once", numWorkers=2))
+    scenario("resumed_member", lambda: resumed("0:16:once", numWorkers=1, ensembleSize=2))
     Path(out_path).write_text(json.dumps(record, indent=2))
     spark.stop()
 

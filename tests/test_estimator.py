@@ -97,7 +97,8 @@ def test_ensemble_members_train_as_tasks_and_one_model_averages_them(frames, tmp
 
 def test_estimator_params_round_trip_through_save_and_load(tmp_path):
     estimator = _estimator(tmp_path, numWorkers=2, ensembleSize=3, learningRate=0.01,
-                           lrSchedule="cosine", validationFraction=0.2)
+                           lrSchedule="cosine", validationFraction=0.2,
+                           checkpointDir="/mnt/shared/checkpoints")
     estimator.save(str(tmp_path / "estimator"))
     loaded = KerasImageEstimator.load(str(tmp_path / "estimator"))
     assert loaded.uid == estimator.uid
@@ -144,14 +145,20 @@ def test_training_workers_bind_to_their_own_cores(mode, rank, hosts, cpus, allow
     assert worker_cores(mode, rank, hosts, cpus, allowed) == cores
 
 
-def test_bind_cores_conf_value_is_checked(spark, frames):
-    from pipelines.ml.distributed import BIND_CORES_CONF
+@pytest.mark.parametrize(("conf", "value", "message"), [
+    ("spark.pipelines.training.bindCores", "sometimes",
+     r"bindCores must be one of auto, always, never\. Received: 'sometimes'"),
+    ("spark.pipelines.training.kill", "1:two",
+     r"training.kill must be '<rank>:<step>' or '<rank>:<step>:once'\. Received: '1:two'"),
+])
+def test_training_conf_values_are_checked(spark, frames, conf, value, message):
+    from pipelines.ml.distributed import BIND_CORES_CONF, KILL_CONF
 
-    spark.conf.set(BIND_CORES_CONF, "sometimes")
+    assert conf in (BIND_CORES_CONF, KILL_CONF)
+    spark.conf.set(conf, value)
     try:
-        with pytest.raises(ValueError, match=r"bindCores must be one of auto, always, never\. "
-                                             r"Received: 'sometimes'"):
+        with pytest.raises(ValueError, match=message):
             KerasImageEstimator(architecture=json.dumps(TINY), numWorkers=1,
                                 numClasses=10).fit(frames[0])
     finally:
-        spark.conf.unset(BIND_CORES_CONF)
+        spark.conf.unset(conf)

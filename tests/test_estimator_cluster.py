@@ -75,3 +75,21 @@ def test_a_worker_killed_mid_training_fails_the_fit_with_a_clear_error(record):
     assert "TrainingWorkerError" in killed["error"]
     assert "training worker 1 of 2 exited with code 137 (killed)" in killed["error"]
     assert killed["seconds"] < 180  # an error, not a wait for the collective timeout or a hang
+
+
+def test_a_fit_with_a_checkpoint_dir_survives_a_killed_worker_and_resumes(record):
+    # 400 training rows, batch 32: 13 steps an epoch; worker 1 dies before step 16 (epoch 2).
+    fit = _ok(record["resumed_workers"])
+    # Spark retried the barrier stage; the retry went on from the end of epoch 1.
+    assert fit["resumed_from_epoch"] == [1] and fit["epochs"] == [3]
+    assert fit["digests"][0] == fit["digests"][1]
+    assert fit["top1"] >= 0.95
+    assert fit["left_behind"] == []  # a finished fit removes its checkpoint
+
+
+def test_an_ensemble_member_killed_mid_training_resumes_from_its_checkpoint(record):
+    fit = _ok(record["resumed_member"])
+    # Only member 0's task was killed and retried (by Spark's task retry).
+    assert fit["resumed_from_epoch"] == [1, None] and fit["epochs"] == [3, 3]
+    assert fit["top1"] >= 0.95
+    assert fit["left_behind"] == []

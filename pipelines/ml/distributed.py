@@ -32,8 +32,19 @@ and fixes its thread pools at start; Spark reuses Python workers. The child gets
 ``spark.task.cpus`` threads, dies with its task (``PR_SET_PDEATHSIG``), and a child that dies
 fails its task with its exit code and the end of its log. Collectives have a timeout
 (``CommunicationOptions(timeout_seconds=...)``), so a worker whose peer died stops with an error
-rather than waiting for ever; Spark then fails the barrier stage (and retries it as a whole, up
-to ``spark.stage.maxConsecutiveAttempts``).
+rather than waiting for ever. Spark then fails the barrier stage and retries it as a whole, up
+to ``spark.stage.maxConsecutiveAttempts`` (4 by default): the stage feeds a one-partition
+shuffle before the driver collects it, because Spark aborts a failed barrier *result* stage
+instead of retrying it.
+
+Checkpoints (``checkpoint_dir``, a folder every executor reads and writes: a shared file system
+mount, or any local path on a one-host cluster): the multi-worker chief writes the weights, the
+optimizer's variables (so the learning-rate schedule goes on from its step), the history and
+the early-stopping state at each epoch's end, atomically (``os.replace``); an independent task
+keeps Keras' ``BackupAndRestore`` state there. A retried stage, or a new fit with the same plan,
+the same number of workers and the same training rows (counted per label), resumes from the
+last finished epoch; the data order after a resume is a new shuffle, not the interrupted one.
+A fit that finishes removes its checkpoint.
 
 Core binding (Spark conf :data:`BIND_CORES_CONF`): TensorFlow's thread pools (tf.data's, the
 inter-op pool, gRPC) run beside the ``spark.task.cpus`` compute threads, so an unbound worker
@@ -46,8 +57,9 @@ compare 1 and 2 workers on one core each with it); ``never`` switches binding of
 skipped when the host's workers need more CPUs than the process may use.
 
 Test hook: the Spark conf :data:`KILL_CONF` = ``"<rank>:<step>"`` makes that worker's training
-process exit with code 137 before that step (global step count, from 1), as a ``kill -9``
-would.
+process exit with code 137 before that step (step count of the fit, from 1; in an independent
+task, of that process), as a ``kill -9`` would; ``"<rank>:<step>:once"`` only the first time
+(it leaves a marker in the checkpoint folder), so a retry can succeed.
 """
 
 from __future__ import annotations
@@ -74,7 +86,7 @@ from pipelines.ml.training import TrainingPlan
 
 logger = logging.getLogger(__name__)
 
-#: Spark conf read when a fit starts: ``"<rank>:<step>"`` kills that worker (tests).
+#: Spark conf read when a fit starts: ``"<rank>:<step>[:once]"`` kills that worker (tests).
 KILL_CONF = "spark.pipelines.training.kill"
 #: Spark conf: ``auto`` (default), ``always`` or ``never`` bind training workers to cores.
 BIND_CORES_CONF = "spark.pipelines.training.bindCores"
@@ -105,11 +117,12 @@ class WorkerOutput:
 
 def fit_multi_worker(
     frame: Any, plan: TrainingPlan, validation: tuple[np.ndarray, np.ndarray] | None,
-    num_workers: int, timeout_s: float,
+    num_workers: int, timeout_s: float, checkpoint_dir: str | None = None,
 ) -> list[WorkerOutput]:
     """Train ``plan`` on ``frame`` (columns :data:`SHARD_COLUMNS`) with ``num_workers`` tasks.
 
     Returns one :class:`WorkerOutput` per worker, by rank; rank 0 holds the model.
+    ``checkpoint_dir``: where epoch checkpoints go (see the module doc); ``None``: none.
 
     Raises:
         TrainingWorkerError: a worker failed (the Spark job's error, with the worker's message).
@@ -121,6 +134,7 @@ def fit_multi_worker(
     start = Path(plan.start_model).read_bytes() if plan.start_model else None
     plan_json = plan.to_json()
     kill = spark.conf.get(KILL_CONF, None)
+    _kill_plan(kill, -1, None)  # a bad value fails here, on the driver
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -136,14 +150,19 @@ def fit_multi_worker(
             np.savez(work / "train.npz", x=images, y=labels)
             port = _free_port()
             host = context.getTaskInfos()[rank].address.rsplit(":", 1)[0]
-            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "rows": len(labels)})
+            me = json.dumps({"rank": rank, "address": f"{host}:{port}", "rows": len(labels),
+                             "labels": _label_counts(labels)})
             peers = sorted((json.loads(m) for m in context.allGather(me)),
                            key=lambda p: p["rank"])
             rows = [p["rows"] for p in peers]
             if min(rows) == 0:
                 raise ValueError(f"every worker needs training rows. Received shard sizes {rows}")
+            folder = None
+            if checkpoint_dir:
+                key = _checkpoint_key(plan_json, [(p["rows"], p["labels"]) for p in peers])
+                folder = Path(checkpoint_dir) / f"workers{len(peers)}-{key}"
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
-                       start, val_npz, work)
+                       start, val_npz, work, folder)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
             hosts = [p["address"].rsplit(":", 1)[0] for p in peers]
             job["cores"] = worker_cores(bind, rank, hosts, job["threads"], _allowed_cpus())
@@ -157,8 +176,10 @@ def fit_multi_worker(
         yield pa.RecordBatch.from_pylist([out], schema=_arrow_schema())
 
     try:
-        rows = frame.repartition(num_workers).mapInArrow(task, _RESULT_SCHEMA,
-                                                        barrier=True).collect()
+        # The shuffle after the barrier stage makes it a map stage, which Spark retries whole
+        # when a task fails (a failed barrier result stage is aborted instead).
+        rows = (frame.repartition(num_workers).mapInArrow(task, _RESULT_SCHEMA, barrier=True)
+                .repartition(1).collect())
     except Exception as exc:  # Py4J / PythonException: keep the worker's own message first
         raise TrainingWorkerError(
             f"multi-worker training with numWorkers={num_workers} failed: "
@@ -169,12 +190,13 @@ def fit_multi_worker(
 
 def fit_independent(
     frame: Any, plans: Sequence[TrainingPlan], validation: tuple[np.ndarray, np.ndarray] | None,
-    timeout_s: float,
+    timeout_s: float, checkpoint_dir: str | None = None,
 ) -> list[WorkerOutput]:
     """Train each plan as its own Spark task (one job, ``len(plans)`` tasks) on all of ``frame``
     (columns :data:`SHARD_COLUMNS`).
 
-    Returns the outputs in the order of ``plans``.
+    Returns the outputs in the order of ``plans``. ``checkpoint_dir``: where each task keeps
+    its epoch state (see the module doc); ``None``: none.
 
     Raises:
         TrainingWorkerError: a task failed.
@@ -187,6 +209,7 @@ def fit_independent(
     jobs = {i: (plan.to_json(), Path(plan.start_model).read_bytes() if plan.start_model
                 else None) for i, plan in enumerate(plans)}
     kill = spark.conf.get(KILL_CONF, None)
+    _kill_plan(kill, -1, None)  # a bad value fails here, on the driver
 
     def task(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
@@ -203,9 +226,13 @@ def fit_independent(
             work = Path(tempfile.mkdtemp(prefix=f"pipelines-train-model{index}-"))
             try:
                 np.savez(work / "train.npz", x=images, y=labels)
-                del images, labels
+                del images
+                folder = None
+                if checkpoint_dir:
+                    key = _checkpoint_key(plan_json, [(len(labels), _label_counts(labels))])
+                    folder = Path(checkpoint_dir) / f"model{index}-{key}"
                 job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
-                           val_npz, work)
+                           val_npz, work, folder)
                 (work / "job.json").write_text(json.dumps(job))
                 out = _run_child(work, {}, f"training task for model {index}")
             finally:
@@ -288,9 +315,20 @@ def _decode_all(batches: Iterator[Any], shape: tuple[int, int, int], decode, whe
     return np.concatenate(images), np.concatenate(labels)
 
 
+def _label_counts(labels: np.ndarray) -> list[int]:
+    return np.bincount(labels.astype(np.int64)).tolist() if len(labels) else []
+
+
+def _checkpoint_key(plan_json: str, shards: Sequence[tuple[int, list[int]]]) -> str:
+    """What a checkpoint belongs to: the plan and each shard's rows per label."""
+    text = json.dumps({"plan": json.loads(plan_json), "shards": [list(s) for s in shards]},
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_s: float,
-         kill: str | None, start: bytes | None, val_npz: bytes | None, work: Path
-         ) -> dict[str, Any]:
+         kill: str | None, start: bytes | None, val_npz: bytes | None, work: Path,
+         checkpoint: Path | None) -> dict[str, Any]:
     plan = json.loads(plan_json)
     if start is not None:
         (work / "start.keras").write_bytes(start)
@@ -299,11 +337,38 @@ def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_
         (work / "validation.npz").write_bytes(val_npz)
     return {
         "plan": json.dumps(plan), "mode": mode, "rank": rank, "num_workers": workers,
-        "threads": max(1, int(cpus)), "timeout_s": timeout_s, "kill": kill, "cores": None,
+        "threads": max(1, int(cpus)), "timeout_s": timeout_s, "cores": None,
+        **_kill_plan(kill, rank, checkpoint),
+        "checkpoint": str(checkpoint) if checkpoint else None,
         "train": str(work / "train.npz"),
         "validation": str(work / "validation.npz") if val_npz is not None else None,
         "started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
     }
+
+
+def _kill_plan(spec: str | None, rank: int, checkpoint: Path | None) -> dict[str, Any]:
+    """``kill_step`` (the step before which :data:`KILL_CONF` kills this worker, or None) and
+    ``kill_marker`` (the file a ``once`` kill leaves behind in the checkpoint folder)."""
+    parts = (spec or "").split(":")
+    if not spec or len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "once") \
+            or not all(p.isdigit() for p in parts[:2]):
+        if spec:
+            raise ValueError(f"{KILL_CONF} must be '<rank>:<step>' or '<rank>:<step>:once'. "
+                             f"Received: {spec!r}")
+        return {"kill_step": None, "kill_marker": None}
+    target, step = int(parts[0]), int(parts[1])
+    marker = checkpoint / f".killed-{rank}-{step}" if len(parts) == 3 and checkpoint else None
+    if target != rank or (marker is not None and marker.exists()):
+        return {"kill_step": None, "kill_marker": None}
+    return {"kill_step": step, "kill_marker": str(marker) if marker else None}
+
+
+def _die(job: dict[str, Any]) -> None:
+    """The test hook's ``kill -9``: exit 137 at once (after leaving a ``once`` marker)."""
+    if job["kill_marker"]:
+        Path(job["kill_marker"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(job["kill_marker"]).touch()
+    os._exit(137)
 
 
 def bind_mode(value: str) -> str:
@@ -437,25 +502,28 @@ def _train_single(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     from pipelines.ml.training import prepare_work_dir, train_model
 
     callbacks = []
-    if job["kill"]:
-        callbacks.append(_kill_callback(job["kill"], job["rank"]))
+    if job["kill_step"]:
+        callbacks.append(_kill_callback(job))
     train_ds = array_dataset(*train, plan.batch_size, plan.num_classes, plan.seed,
                              plan.spec.shift_pixels)
     val_ds = array_dataset(*validation, plan.batch_size, plan.num_classes) if validation else None
-    state = work / "state"
-    prepare_work_dir(state, "single", resume=False)
+    state = Path(job["checkpoint"]) if job["checkpoint"] else work / "state"
+    resumed = prepare_work_dir(state, "single", resume=bool(job["checkpoint"]))
     result = train_model(plan, train_ds, val_ds, steps(len(train[1]), plan.batch_size), state,
-                         extra_callbacks=callbacks)
+                         resumed_from_epoch=resumed, extra_callbacks=callbacks)
     result.model.save(work / "model.keras")
+    if job["checkpoint"]:
+        _remove(state)
     return {"history": result.history, "best_epoch": result.best_epoch,
             "fit_seconds": result.fit_seconds, "epoch_seconds": result.epoch_seconds,
-            "digest": weights_digest(result.model.get_weights()), "workers": 1}
+            "digest": weights_digest(result.model.get_weights()), "workers": 1,
+            "resumed_from_epoch": resumed}
 
 
-def _kill_callback(spec: str, rank: int) -> Any:
+def _kill_callback(job: dict[str, Any]) -> Any:
     import keras
 
-    target, step = (int(v) for v in spec.split(":"))
+    step = job["kill_step"]
 
     class Kill(keras.callbacks.Callback):
         def __init__(self):
@@ -464,8 +532,8 @@ def _kill_callback(spec: str, rank: int) -> Any:
 
         def on_train_batch_begin(self, batch, logs=None):
             self.step += 1
-            if rank == target and self.step == step:
-                os._exit(137)
+            if self.step == step:
+                _die(job)
 
     return Kill()
 
@@ -489,6 +557,9 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
 
     rank, workers = job["rank"], job["num_workers"]
     steps_per_epoch = job["steps_per_epoch"]
+    folder = Path(job["checkpoint"]) if job["checkpoint"] else None
+    saved = _load_checkpoint(folder) if folder else None
+    start_epoch = saved["epoch"] if saved else 0
     # One all-reduce per step for all the gradients (bytes_per_pack), not one per variable:
     # each collective costs gRPC round trips, which dominated the step of a small model.
     options = tf.distribute.experimental.CommunicationOptions(
@@ -502,13 +573,21 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     # Outside the strategy, uncompiled (its optimizer never ran): validation and saving.
     twin = build_model(plan, steps_per_epoch, compile=False)
     optimizer = model.optimizer
+    if saved:
+        with strategy.scope():
+            optimizer.build(model.trainable_variables)
+        model.set_weights(saved["weights"])
+        for variable, value in zip(optimizer.variables, saved["optimizer"], strict=True):
+            variable.assign(value)
     loss_fn = _per_example_loss(plan.spec.loss)
     global_batch = plan.batch_size
-    kill_rank, kill_step = (int(v) for v in job["kill"].split(":")) if job["kill"] else (-1, -1)
+    kill_step = job["kill_step"]
+    # A resumed fit draws a new data order rather than repeating the first epochs' one.
+    data_seed = plan.seed * 1009 + rank + 7919 * start_epoch
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = context.get_per_replica_batch_size(global_batch)
-        return array_dataset(*train, local, plan.num_classes, plan.seed * 1009 + rank,
+        return array_dataset(*train, local, plan.num_classes, data_seed,
                              plan.spec.shift_pixels).repeat()
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
@@ -555,20 +634,33 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         per_replica = strategy.run(lambda: tf.identity(values))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
-    history: dict[str, list[float]] = {"loss": [], "top1": []}
     monitor = plan.monitor if validation is not None else "loss"
     pick_min = "loss" in monitor
-    best_value, best_weights, best_epoch, waited = None, None, None, 0
-    epoch_seconds: list[float] = []
+    if folder:  # every worker, so that one which sees no checkpoint takes part too
+        agreed = float(global_sum(tf.constant(float(start_epoch))))
+        if agreed != start_epoch * workers:
+            raise RuntimeError(
+                f"the workers read different checkpoints from {folder} (is it a folder every "
+                f"executor shares?): their epochs sum to {agreed:g}, this worker's is "
+                f"{start_epoch}")
+    if saved:
+        logger.info("worker %s resumes from epoch %s (%s)", rank, start_epoch, folder)
+        history, epoch_seconds = saved["history"], saved["epoch_seconds"]
+        best_value, best_epoch, waited = saved["best_value"], saved["best_epoch"], saved["waited"]
+        best_weights, step_count = saved["best"], saved["steps"]
+    else:
+        history: dict[str, list[float]] = {"loss": [], "top1": []}
+        epoch_seconds: list[float] = []
+        best_value, best_weights, best_epoch, waited = None, None, None, 0
+        step_count = 0
     fit_started = time.perf_counter()
-    step_count = 0
-    for epoch in range(plan.epochs):
+    for epoch in range(start_epoch, plan.epochs):
         epoch_started = time.perf_counter()
         local = tf.zeros(3)
         for _ in range(steps_per_epoch):
             step_count += 1
-            if rank == kill_rank and step_count == kill_step:
-                os._exit(137)
+            if step_count == kill_step:
+                _die(job)
             local += train_step(iterator)
         sums = global_sum(local).numpy().astype(float)
         if state:
@@ -589,6 +681,12 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
             waited += 1
         logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
                     {k: round(v[-1], 4) for k, v in history.items()}, epoch_seconds[-1])
+        if folder and rank == 0:
+            _save_checkpoint(folder, weights, [v.numpy() for v in optimizer.variables],
+                             best_weights, {
+                                 "epoch": epoch + 1, "steps": step_count, "history": history,
+                                 "epoch_seconds": epoch_seconds, "best_value": best_value,
+                                 "best_epoch": best_epoch, "waited": waited})
         stop = plan.patience is not None and waited >= plan.patience
         if float(global_sum(tf.constant(1.0 if stop else 0.0))) > 0:
             break
@@ -597,9 +695,45 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     if rank == 0:
         twin.set_weights(best_weights)
         twin.save(work / "model.keras")
+        if folder:
+            _remove(folder)
     return {"history": history, "best_epoch": best_epoch, "fit_seconds": fit_seconds,
             "epoch_seconds": epoch_seconds, "digest": final_digest, "workers": workers,
-            "steps_per_epoch": steps_per_epoch}
+            "steps_per_epoch": steps_per_epoch, "resumed_from_epoch": start_epoch or None}
+
+
+_CHECKPOINT = "state.npz"
+
+
+def _save_checkpoint(folder: Path, weights: Sequence[np.ndarray],
+                     optimizer: Sequence[np.ndarray], best: Sequence[np.ndarray],
+                     meta: dict[str, Any]) -> None:
+    """One ``.npz`` with the arrays and ``meta`` as JSON, replacing the last atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{prefix}_{i:05d}": np.asarray(value)
+              for prefix, values in (("weight", weights), ("optimizer", optimizer),
+                                     ("best", best))
+              for i, value in enumerate(values)}
+    meta_bytes = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    partial = folder / f".{_CHECKPOINT}.tmp-{os.getpid()}"
+    with partial.open("wb") as sink:
+        np.savez(sink, meta=meta_bytes, **arrays)
+        sink.flush()
+        os.fsync(sink.fileno())
+    os.replace(partial, folder / _CHECKPOINT)
+
+
+def _load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """What :func:`_save_checkpoint` wrote (meta keys + weights, optimizer, best), or None."""
+    path = folder / _CHECKPOINT
+    if not path.exists():
+        return None
+    with np.load(path) as data:
+        names = sorted(data.files)
+        saved = json.loads(data["meta"].tobytes())
+        for prefix, key in (("weight", "weights"), ("optimizer", "optimizer"), ("best", "best")):
+            saved[key] = [data[n] for n in names if n.startswith(prefix + "_")]
+    return saved
 
 
 def _evaluate(model: Any, loss_fn: Any, data: tuple[np.ndarray, np.ndarray],

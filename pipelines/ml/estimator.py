@@ -147,6 +147,10 @@ class _KerasImageEstimatorParams(HasInputCol, HasLabelCol, HasProbabilityCol, Ha
     modelDir = Param(Params._dummy(), "modelDir",
                      "driver-local folder for the fitted .keras files; '' = a new temp folder",
                      typeConverter=TypeConverters.toString)
+    checkpointDir = Param(Params._dummy(), "checkpointDir",
+                          "folder every executor reads and writes (a shared mount) for executor "
+                          "training's epoch checkpoints; a retried or repeated fit resumes; "
+                          "'' = none", typeConverter=TypeConverters.toString)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -156,7 +160,7 @@ class _KerasImageEstimatorParams(HasInputCol, HasLabelCol, HasProbabilityCol, Ha
             batchSize=0, learningRate=0.0, lrSchedule="", shiftPixels=-1,
             validationFraction=0.0, validationIndicatorCol="", monitor="val_loss",
             earlyStoppingPatience=0, numWorkers=0, ensembleSize=1, timeoutSeconds=600.0,
-            modelDir="",
+            modelDir="", checkpointDir="",
         )
 
 
@@ -183,6 +187,11 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         ensembleSize: K > 1 trains K members and averages their probabilities.
         timeoutSeconds: how long a worker waits for its peers before it fails the fit.
         modelDir: where the fitted ``.keras`` files go (driver-local).
+        checkpointDir: executor training (``numWorkers`` > 0) keeps each epoch's state here, in
+            a folder per model named by its plan, worker count and training rows, so a barrier
+            stage that Spark retries, a retried task, or the same fit run again, resumes from
+            the last finished epoch; removed when the fit ends. Every executor must see the
+            same folder (a shared file system mount). ``''``: no checkpoints.
         probabilityCol, predictionCol: output columns of the fitted classifier.
     """
 
@@ -192,7 +201,7 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
                  learningRate=None, lrSchedule=None, shiftPixels=None, validationFraction=None,
                  validationIndicatorCol=None, monitor=None, earlyStoppingPatience=None,
                  seed=None, numWorkers=None, ensembleSize=None, timeoutSeconds=None,
-                 modelDir=None):
+                 modelDir=None, checkpointDir=None):
         super().__init__()
         self.setParams(**self._input_kwargs)
 
@@ -202,7 +211,7 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
                   batchSize=None, learningRate=None, lrSchedule=None, shiftPixels=None,
                   validationFraction=None, validationIndicatorCol=None, monitor=None,
                   earlyStoppingPatience=None, seed=None, numWorkers=None, ensembleSize=None,
-                  timeoutSeconds=None, modelDir=None):
+                  timeoutSeconds=None, modelDir=None, checkpointDir=None):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -224,6 +233,9 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
     def setModelDir(self, value: str) -> KerasImageEstimator:
         return self._set(modelDir=value)
 
+    def setCheckpointDir(self, value: str) -> KerasImageEstimator:
+        return self._set(checkpointDir=value)
+
     # ----------------------------------------------------------------------- fitting
 
     def _fit(self, dataset: DataFrame) -> KerasImageClassifier:
@@ -244,7 +256,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
             from pipelines.ml.distributed import fit_multi_worker
 
             outputs = fit_multi_worker(inputs.train_frame, plan, inputs.validation(), workers,
-                                       self.getOrDefault(self.timeoutSeconds))
+                                       self.getOrDefault(self.timeoutSeconds),
+                                       self._checkpoint_dir())
             trained = (outputs[0].model, {**outputs[0].result,
                                           "digests": [o.result["digest"] for o in outputs],
                                           "worker_cores": [o.result["cores"] for o in outputs]})
@@ -284,7 +297,7 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         plans = [e._plan(inputs.num_classes, bool(inputs.validation_rows)) for e in estimators]
         logger.info("fitting %s candidates as parallel Spark tasks", len(plans))
         outputs = fit_independent(inputs.train_frame, plans, inputs.validation(),
-                                  self.getOrDefault(self.timeoutSeconds))
+                                  self.getOrDefault(self.timeoutSeconds), self._checkpoint_dir())
         return [e._classifier([(o.model, o.result)], plan)
                 for e, o, plan in zip(estimators, outputs, plans, strict=True)]
 
@@ -295,7 +308,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
             from pipelines.ml.distributed import fit_independent
 
             outputs = fit_independent(inputs.train_frame, plans, inputs.validation(),
-                                      self.getOrDefault(self.timeoutSeconds))
+                                      self.getOrDefault(self.timeoutSeconds),
+                                      self._checkpoint_dir())
             return [(o.model, o.result) for o in outputs]
         return [_train_on_driver(plan, inputs.train_arrays(), inputs.validation())
                 for plan in plans]
@@ -385,6 +399,9 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         return _Inputs(frame, classes, tuple(spec.input_shape), int(stats["validation"] or 0))
 
     # ----------------------------------------------------------------------- the fitted model
+
+    def _checkpoint_dir(self) -> str | None:
+        return self.getOrDefault(self.checkpointDir).removeprefix("file://") or None
 
     def _model_dir(self) -> Path:
         folder = self.getOrDefault(self.modelDir)

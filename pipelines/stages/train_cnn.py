@@ -70,7 +70,8 @@ OUTPUT_FILES = (
 )
 #: Settings that do not change what is trained (a run may resume across changes of these).
 #: ``num_workers`` and ``ensemble`` are left out of this set: they change how it is trained.
-_NOT_TRAINING = {"output", "checkpoint_dir", "resume", "progress", "tensorboard", "architectures"}
+_NOT_TRAINING = {"output", "checkpoint_dir", "resume", "progress", "tensorboard", "architectures",
+                 "executor_checkpoint_dir"}
 
 
 def checkpoint_dir(cfg: CnnConfig) -> Path:
@@ -282,7 +283,7 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
         batchSize=spec.batch_size, validationIndicatorCol="_is_validation",
         monitor=cfg.monitor, earlyStoppingPatience=cfg.early_stopping_patience or 0,
         seed=cfg.seed, numWorkers=cfg.num_workers, ensembleSize=cfg.ensemble,
-        modelDir=str(work / "estimator"))
+        modelDir=str(work / "estimator"), checkpointDir=cfg.executor_checkpoint_dir or "")
     fitted = estimator.fit(rows)
     model = keras.saving.load_model(fitted.getModelPath(), safe_mode=True, compile=False)
     compile_model(model, spec, 1, spec.epochs)  # for evaluate() only: it is not trained further
