@@ -295,18 +295,21 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
         history = _mean_history([m["history"] for m in members])
         extra = {"members": [{"seed": cfg.seed + i, "best_epoch": m["best_epoch"],
                               "fit_seconds": round(m["fit_seconds"], 1),
+                              "resumed_from_epoch": m.get("resumed_from_epoch"),
                               "validation": {k: last_or_best(m["history"], k, m["best_epoch"])
                                              for k in m["history"] if k.startswith("val_")}}
                              for i, m in enumerate(members)]}
         fit_seconds = max(m["ended"] for m in members) - min(m["started"] for m in members) \
             if cfg.num_workers else sum(m["fit_seconds"] for m in members)
         best = best_epoch(history, cfg.monitor)
+        resumed = None
     else:
         history = summary["history"]
         extra = {"worker_digests": summary.get("digests")}
         fit_seconds, best = summary["fit_seconds"], summary["best_epoch"]
+        resumed = summary.get("resumed_from_epoch")
     feed = "executors" if cfg.num_workers else "collected_to_driver"
-    return TrainResult(model, history, best, fit_seconds), feed, extra
+    return TrainResult(model, history, best, fit_seconds, resumed), feed, extra
 
 
 def _keras_verbose(progress: str) -> int:
