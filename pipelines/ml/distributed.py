@@ -157,10 +157,8 @@ def fit_multi_worker(
             rows = [p["rows"] for p in peers]
             if min(rows) == 0:
                 raise ValueError(f"every worker needs training rows. Received shard sizes {rows}")
-            folder = None
-            if checkpoint_dir:
-                key = _checkpoint_key(plan_json, [(p["rows"], p["labels"]) for p in peers])
-                folder = Path(checkpoint_dir) / f"workers{len(peers)}-{key}"
+            folder = _checkpoint_folder(checkpoint_dir, f"workers{len(peers)}", plan_json,
+                                        [(p["rows"], p["labels"]) for p in peers])
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
                        start, val_npz, work, folder)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
@@ -227,10 +225,8 @@ def fit_independent(
             try:
                 np.savez(work / "train.npz", x=images, y=labels)
                 del images
-                folder = None
-                if checkpoint_dir:
-                    key = _checkpoint_key(plan_json, [(len(labels), _label_counts(labels))])
-                    folder = Path(checkpoint_dir) / f"model{index}-{key}"
+                folder = _checkpoint_folder(checkpoint_dir, f"model{index}", plan_json,
+                                            [(len(labels), _label_counts(labels))])
                 job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
                            val_npz, work, folder)
                 (work / "job.json").write_text(json.dumps(job))
@@ -319,11 +315,15 @@ def _label_counts(labels: np.ndarray) -> list[int]:
     return np.bincount(labels.astype(np.int64)).tolist() if len(labels) else []
 
 
-def _checkpoint_key(plan_json: str, shards: Sequence[tuple[int, list[int]]]) -> str:
-    """What a checkpoint belongs to: the plan and each shard's rows per label."""
+def _checkpoint_folder(checkpoint_dir: str | None, name: str, plan_json: str,
+                       shards: Sequence[tuple[int, list[int]]]) -> Path | None:
+    """``<checkpoint_dir>/<name>-<key>``, the key a digest of what the checkpoint belongs to:
+    the plan and each shard's rows per label; ``None`` without a ``checkpoint_dir``."""
+    if not checkpoint_dir:
+        return None
     text = json.dumps({"plan": json.loads(plan_json), "shards": [list(s) for s in shards]},
                       sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Path(checkpoint_dir) / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
 def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_s: float,
