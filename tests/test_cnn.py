@@ -308,12 +308,21 @@ def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
 ):
     import keras
 
-    run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.num_workers=2", "cnn.epochs=2"))
+    run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.num_workers=2", "cnn.epochs=2",
+                                 "cnn.tensorboard=true"))
 
     out = tmp_path / "cnn"
     for name in OUTPUT_FILES:
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
+    # TensorBoard logs from the history the chief sent back, laid out as Keras' callback does.
+    with (out / "history.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert _tensorboard_scalars(out / "tensorboard" / "validation") == {
+        "epoch_loss": [pytest.approx(float(r["val_loss"])) for r in rows],
+        "epoch_top1": [pytest.approx(float(r["val_top1"])) for r in rows]}
+    assert _tensorboard_scalars(out / "tensorboard" / "train")["epoch_loss"] == [
+        pytest.approx(float(r["loss"])) for r in rows]
     assert metrics["input"] == "executors" and metrics["num_workers"] == 2
     first, second = metrics["worker_digests"]
     assert first == second  # both workers ended with the same weights
@@ -324,3 +333,16 @@ def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
     probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
     top1 = float((probs.argmax(axis=1) == digits.test_labels).mean())
     assert metrics["test"]["top1"] == pytest.approx(top1)
+
+
+def _tensorboard_scalars(run: Path) -> dict[str, list[float]]:
+    """Tag -> values by step, read back from a TensorBoard run folder's event files."""
+    import tensorflow as tf
+
+    values: dict[str, dict[int, float]] = {}
+    for path in sorted(run.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                values.setdefault(value.tag, {})[event.step] = float(
+                    tf.make_ndarray(value.tensor))
+    return {tag: [by_step[s] for s in sorted(by_step)] for tag, by_step in values.items()}

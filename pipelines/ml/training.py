@@ -243,6 +243,29 @@ def write_history(path: Path, history: dict[str, list[float]]) -> None:
             writer.writerow([i, *(history[k][i] for k in keys)])
 
 
+def write_tensorboard(log_dir: Path, history: dict[str, list[float]]) -> None:
+    """Per-epoch scalars of ``history`` as TensorBoard logs, laid out as Keras' ``TensorBoard``
+    callback lays out ``update_freq="epoch"``: ``train/`` and ``validation/`` runs (``val_``
+    dropped), tags ``epoch_<metric>``, steps from 0.
+
+    For training whose history comes back as values (executor tasks) rather than through a
+    callback in this process.
+    """
+    import tensorflow as tf
+
+    runs = {"train": {k: v for k, v in history.items() if not k.startswith("val_")},
+            "validation": {k[4:]: v for k, v in history.items() if k.startswith("val_")}}
+    for run, metrics in runs.items():
+        if not metrics:
+            continue
+        writer = tf.summary.create_file_writer(str(log_dir / run))
+        with writer.as_default():
+            for name, values in sorted(metrics.items()):
+                for step, value in enumerate(values):
+                    tf.summary.scalar(f"epoch_{name}", float(value), step=step)
+        writer.close()
+
+
 def best_epoch(history: dict[str, list[float]], monitor: str) -> int | None:
     """1-based epoch with the best ``monitor`` value (the first of ties), or None."""
     values = history.get(monitor)

@@ -53,6 +53,7 @@ from pipelines.ml.training import (
     prepare_work_dir,
     train_model,
     write_history,
+    write_tensorboard,
 )
 from pipelines.stages.evaluation import (
     classification_metrics,
@@ -303,11 +304,16 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
             if cfg.num_workers else sum(m["fit_seconds"] for m in members)
         best = best_epoch(history, cfg.monitor)
         resumed = None
+        if cfg.tensorboard:
+            for i, member in enumerate(members):
+                write_tensorboard(work / "tensorboard" / f"member-{i}", member["history"])
     else:
         history = summary["history"]
         extra = {"worker_digests": summary.get("digests")}
         fit_seconds, best = summary["fit_seconds"], summary["best_epoch"]
         resumed = summary.get("resumed_from_epoch")
+        if cfg.tensorboard:
+            write_tensorboard(work / "tensorboard", history)
     feed = "executors" if cfg.num_workers else "collected_to_driver"
     return TrainResult(model, history, best, fit_seconds, resumed), feed, extra
 
