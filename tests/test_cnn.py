@@ -199,6 +199,22 @@ def test_seed_architecture_is_the_notebook_model():
         "binary_crossentropy", "adam", 512, 5)
 
 
+def test_vgg_members_differ_in_their_augmentation_and_dropout_seeds_by_run_seed():
+    import keras
+
+    def random_states(seed):
+        keras.utils.set_random_seed(seed)
+        model = build_architecture(resolve_architecture("vgg"), 10)
+        assert model.count_params() == 198_442
+        return [getattr(layer, name).state.numpy().tolist() for layer in model.layers
+                for name in ("generator", "seed_generator") if hasattr(layer, name)]
+
+    first = random_states(0)
+    assert len(first) == 3  # RandomRotation, RandomZoom, Dropout
+    assert random_states(0) == first  # reproducible from the run's seed
+    assert random_states(1) != first  # so ensemble members (seeds 0, 1, ...) differ
+
+
 def test_unknown_architecture_fails_when_the_config_loads():
     with pytest.raises(ConfigError, match="Received: architecture='resnet9000'"):
         load_config(TEST_CONF, ["cnn.architecture=resnet9000"])
