@@ -362,3 +362,28 @@ def _tensorboard_scalars(run: Path) -> dict[str, list[float]]:
                 values.setdefault(value.tag, {})[event.step] = float(
                     tf.make_ndarray(value.tensor))
     return {tag: [by_step[s] for s in sorted(by_step)] for tag, by_step in values.items()}
+
+
+def test_train_job_ensemble_publishes_the_averaged_model_and_one_tensorboard_run_per_member(
+    spark, image_parquet, digits, tmp_path
+):
+    import keras
+
+    run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.ensemble=2", "cnn.num_workers=1",
+                                 "cnn.epochs=2", "cnn.tensorboard=true"))
+
+    out = tmp_path / "cnn"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ensemble"] == 2 and [m["seed"] for m in metrics["members"]] == [0, 1]
+    members = [_tensorboard_scalars(out / "tensorboard" / f"member-{i}" / "validation")
+               for i in (0, 1)]
+    assert members[0]["epoch_loss"] != members[1]["epoch_loss"]  # different seeds
+    # history.csv is the members' per-epoch mean; each member's run holds its own values.
+    with (out / "history.csv").open() as fh:
+        mean = [float(r["val_loss"]) for r in csv.DictReader(fh)]
+    assert mean == pytest.approx([(a + b) / 2 for a, b in zip(
+        members[0]["epoch_loss"], members[1]["epoch_loss"], strict=True)])
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
+    assert metrics["test"]["top1"] == pytest.approx(
+        float((probs.argmax(axis=1) == digits.test_labels).mean()))
