@@ -73,7 +73,6 @@ def _config(root: Path, images: str, *extra: str) -> Config:
 def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
     spark, image_parquet, digits, tmp_path
 ):
-    import keras
 
     summary = run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.tensorboard=true"))
     assert summary["model"] == f"{tmp_path}/cnn/model.keras"
@@ -92,9 +91,7 @@ def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The published model reproduces the reported test top-1 on the raw test images.
-    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
-    probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
-    top1 = float((probs.argmax(axis=1) == digits.test_labels).mean())
+    top1 = _published_top1(out, digits)
     assert metrics["test"]["top1"] == pytest.approx(top1)
     assert np.trace(np.array(metrics["test"]["confusion_matrix"])) == round(top1 * 40)
 
@@ -322,7 +319,6 @@ def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
 def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
     spark, image_parquet, digits, tmp_path
 ):
-    import keras
 
     run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.num_workers=2", "cnn.epochs=2",
                                  "cnn.tensorboard=true"))
@@ -345,10 +341,17 @@ def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
     assert metrics["epochs_run"] == 2 and set(metrics["validation"]) == {"val_loss", "val_top1"}
     with (out / "history.csv").open() as fh:
         assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
+    top1 = _published_top1(out, digits)
+    assert metrics["test"]["top1"] == pytest.approx(top1)
+
+
+def _published_top1(out: Path, digits: MnistArrays) -> float:
+    """Top-1 of the published ``model.keras`` on the raw test images."""
+    import keras
+
     model = keras.saving.load_model(out / "model.keras", safe_mode=True)
     probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
-    top1 = float((probs.argmax(axis=1) == digits.test_labels).mean())
-    assert metrics["test"]["top1"] == pytest.approx(top1)
+    return float((probs.argmax(axis=1) == digits.test_labels).mean())
 
 
 def _tensorboard_scalars(run: Path) -> dict[str, list[float]]:
@@ -367,7 +370,6 @@ def _tensorboard_scalars(run: Path) -> dict[str, list[float]]:
 def test_train_job_ensemble_publishes_the_averaged_model_and_one_tensorboard_run_per_member(
     spark, image_parquet, digits, tmp_path
 ):
-    import keras
 
     run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.ensemble=2", "cnn.num_workers=1",
                                  "cnn.epochs=2", "cnn.tensorboard=true"))
@@ -383,7 +385,4 @@ def test_train_job_ensemble_publishes_the_averaged_model_and_one_tensorboard_run
         mean = [float(r["val_loss"]) for r in csv.DictReader(fh)]
     assert mean == pytest.approx([(a + b) / 2 for a, b in zip(
         members[0]["epoch_loss"], members[1]["epoch_loss"], strict=True)])
-    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
-    probs = model.predict(digits.test_images[..., None].astype("float32") / 255.0, verbose=0)
-    assert metrics["test"]["top1"] == pytest.approx(
-        float((probs.argmax(axis=1) == digits.test_labels).mean()))
+    assert metrics["test"]["top1"] == pytest.approx(_published_top1(out, digits))
