@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= conf/local.yaml
 PYTEST_ARGS ?=
+# Test files run on this many processes (pytest-xdist), each file whole on one of them: its
+# module fixtures (a local-cluster run, a pipeline run) are built once. 1: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: install run test lint bench clean chromium dist FORCE
 
@@ -32,7 +35,8 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test: install chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) \
+	  $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check pipelines jobs tests benchmarks

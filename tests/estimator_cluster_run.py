@@ -76,6 +76,10 @@ def main(out_path: str) -> None:
              .config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false")
              .config("spark.sql.shuffle.partitions", "2")
+             # Two attempts of a barrier stage (Spark's default is 4): the resume scenarios
+             # need one retry; the killed worker, retried and killed again, then fails in half
+             # the time.
+             .config("spark.stage.maxConsecutiveAttempts", "2")
              .getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     train_x, train_y = blocks(500, 1)
