@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= conf/local.yaml
 PYTEST_ARGS ?=
-# Test files run on this many processes (pytest-xdist), each file whole on one of them: its
-# module fixtures (a local-cluster run, a pipeline run) are built once. 1: one process.
+# Test files run on this many processes (pytest-xdist), each file whole on one of them (its
+# module fixtures, a local-cluster run or a pipeline run, are built once), in the order
+# tests/conftest.py gives them (the longest first). 1: one process.
 TEST_WORKERS ?= 2
 
 .PHONY: install run test lint bench clean chromium dist FORCE
@@ -35,7 +36,7 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test: install chromium
-	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) \
+	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
 	  $(PYTEST_ARGS)
 
 lint: install

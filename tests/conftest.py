@@ -17,6 +17,22 @@ TEST_CONF = ROOT / "conf" / "test.yaml"
 MOBILENET_SIZE = 32  # MobileNetV2's Keras minimum: fast to build and run
 
 
+#: The files that take minutes, longest first (fresh-clone CI, docs/benchmarks.md): the
+#: standalone test builds ``make dist`` and submits to a cluster, the local-cluster estimator
+#: scenarios, the pipeline runs as subprocesses, sparkdl's quick guide, Connect, tracking.
+#: ``make test`` hands whole files to two processes in collection order
+#: (``--dist loadfile --no-loadscope-reorder``); starting these first keeps a long file from
+#: running alone at the end. A stale list costs balance, never a result.
+LONG_FILES = ("test_standalone_cluster.py", "test_estimator_cluster.py",
+              "test_run_pipeline_job.py", "test_sparkdl.py", "test_connect.py",
+              "test_tracking.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
