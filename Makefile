@@ -7,7 +7,7 @@ CONFIG ?= conf/local.yaml
 PYTEST_ARGS ?=
 # Test files run on this many processes (pytest-xdist), each file whole on one of them (its
 # module fixtures, a local-cluster run or a pipeline run, are built once), in the order
-# tests/conftest.py gives them (the longest first). 1: one process.
+# tests/conftest.py gives them (the longest first). 0 or 1: one process.
 TEST_WORKERS ?= 2
 
 .PHONY: install run test lint bench clean chromium dist FORCE
