@@ -19,3 +19,11 @@ def test_library_api_is_importable_from_one_place():
 
     for name in ml.__all__:
         assert getattr(ml, name).__module__.startswith("pipelines.ml.")
+
+
+def test_the_long_files_that_start_first_exist():
+    # A renamed file would silently drop out of the order `make test` relies on for balance.
+    from conftest import LONG_FILES
+
+    tests = Path(__file__).resolve().parent
+    assert [name for name in LONG_FILES if not (tests / name).is_file()] == []
