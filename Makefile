@@ -36,7 +36,7 @@ chromium:
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y chromium)
 
 test: install chromium
-	$(PY) -m pytest $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
+	$(PY) -m pytest $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder) \
 	  $(PYTEST_ARGS)
 
 lint: install

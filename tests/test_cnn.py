@@ -73,7 +73,6 @@ def _config(root: Path, images: str, *extra: str) -> Config:
 def test_train_job_trains_one_epoch_and_publishes_model_and_reports(
     spark, image_parquet, digits, tmp_path
 ):
-
     summary = run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.tensorboard=true"))
     assert summary["model"] == f"{tmp_path}/cnn/model.keras"
 
@@ -319,7 +318,6 @@ def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
 def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
     spark, image_parquet, digits, tmp_path
 ):
-
     run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.num_workers=2", "cnn.epochs=2",
                                  "cnn.tensorboard=true"))
 
@@ -370,7 +368,6 @@ def _tensorboard_scalars(run: Path) -> dict[str, list[float]]:
 def test_train_job_ensemble_publishes_the_averaged_model_and_one_tensorboard_run_per_member(
     spark, image_parquet, digits, tmp_path
 ):
-
     run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.ensemble=2", "cnn.num_workers=1",
                                  "cnn.epochs=2", "cnn.tensorboard=true"))
 
