@@ -75,11 +75,14 @@ _NOT_PORTED = {
                     "(.keras) and give its path to KerasTransformer or KerasImageClassifier",
     "imageInputPlaceholder": "TensorFlow 1 placeholders do not exist in TensorFlow 2: a Keras "
                              "model's keras.Input takes its place",
-    "HorovodRunner": "distributed training is not part of this library; train on the driver "
-                     "(jobs/train_cnn.py) or use pyspark's TorchDistributor or Horovod directly",
-    "KerasImageFileEstimator": "a Keras training estimator (KerasImageEstimator) is planned; "
-                               "until then train with jobs/train_cnn.py and score with "
-                               "KerasImageClassifier",
+    "HorovodRunner": "train Keras models across executors with "
+                     "pipelines.ml.KerasImageEstimator(numWorkers=N) (TensorFlow's "
+                     "MultiWorkerMirroredStrategy in a Spark barrier stage); for PyTorch, use "
+                     "pyspark's TorchDistributor",
+    "KerasImageFileEstimator": "use pipelines.ml.KerasImageEstimator: it trains on an image "
+                               "struct column (read the files with spark.read.format('image') "
+                               "or jobs/ingest_mnist.py with conf/folder.yaml) instead of a "
+                               "URI column and an imageLoader, and fits a KerasImageClassifier",
 }
 
 

@@ -501,3 +501,16 @@ def test_keras_transformer_rejects_a_non_array_column(spark, stage_inputs):
     df = spark.createDataFrame([("a",)], "x string")
     with pytest.raises(TypeError, match="column 'x' .* Received: string"):
         KerasTransformer(inputCol="x", modelFile=paths["dense"]).transform(df)
+
+
+@pytest.mark.parametrize(("name", "points_to"), [
+    ("KerasImageFileEstimator", "pipelines.ml.KerasImageEstimator"),
+    ("HorovodRunner", "KerasImageEstimator(numWorkers=N)"),
+    ("TFTransformer", "KerasTransformer"),
+])
+def test_sparkdl_names_without_an_equivalent_say_what_to_use_instead(name, points_to):
+    import pipelines.sparkdl as sparkdl
+
+    with pytest.raises(ImportError, match=rf"sparkdl's {name} has no equivalent") as info:
+        getattr(sparkdl, name)
+    assert points_to in str(info.value)
