@@ -330,8 +330,10 @@ class CnnConfig(Section):
     ensemble: int = Field(default=1, ge=1)
     #: Executor training's epoch checkpoints (``KerasImageEstimator.checkpointDir``): a folder
     #: every executor reads and writes, a shared mount on a cluster; a retried barrier stage or
-    #: task, or a rerun with the same settings, resumes from the last finished epoch. ``null``:
-    #: none (a killed worker restarts its fit from epoch 1).
+    #: task, or a rerun with the same settings, resumes from the last finished epoch. The tasks
+    #: also write TensorBoard logs there as epochs end (``tensorboard-<digest>/``, moved into the
+    #: output after the fit). ``null``: none (a killed worker restarts its fit from epoch 1;
+    #: TensorBoard logs are written from the history after the fit).
     executor_checkpoint_dir: str | None = None
 
     @field_validator("checkpoint_dir")

@@ -49,6 +49,15 @@ def blocks(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def tensorboard(run: Path) -> dict:
+    """A TensorBoard run's runs (train, validation): tag -> [[step, value, wall time], ...]."""
+    from tensorboard_events import scalar_events
+
+    return {sub.name: {tag: [[step, *by_step[step]] for step in sorted(by_step)]
+                       for tag, by_step in scalar_events(sub).items()}
+            for sub in sorted(run.iterdir()) if sub.is_dir()}
+
+
 def top1(model, frame) -> float:
     scored = model.transform(frame).select("label", "prediction").collect()
     return float(np.mean([r.label == r.prediction for r in scored]))
@@ -89,6 +98,7 @@ def main(out_path: str) -> None:
         "is_validation", F.col("split") == "validation")
     test = frame.where("split = 'test'")
     models = Path(out_path).parent / "models"
+    boards = Path(out_path).parent / "tensorboard"
     record: dict = {"executors": spark.sparkContext._jsc.sc().getExecutorMemoryStatus().size()}
 
     def estimator(**params):
@@ -106,7 +116,7 @@ def main(out_path: str) -> None:
         record[name]["seconds"] = time.time() - started
 
     def two_workers():
-        model = estimator(numWorkers=2).fit(labelled)
+        model = estimator(numWorkers=2, tensorboardDir=str(boards / "two")).fit(labelled)
         path = str(models / "saved-classifier")
         model.write().overwrite().save(path)
         loaded = KerasImageClassifier.load(path)
@@ -118,16 +128,19 @@ def main(out_path: str) -> None:
         return {"digests": summary["digests"], "history": summary["history"],
                 "worker_cores": summary["worker_cores"],
                 "top1": top1(model, test), "model_path": model.getModelPath(),
+                "epoch_seconds": summary["epoch_seconds"],
+                "tensorboard": tensorboard(boards / "two"),
                 "loaded_uid_equal": loaded.uid == model.uid,
                 "loaded_params_equal": loaded.extractParamMap() == model.extractParamMap(),
                 "probabilities_equal": before == after, "rows": len(before)}
 
     def driver():
-        model = estimator(numWorkers=0).fit(labelled)
-        return {"top1": top1(model, test), "history": model.trainingSummary["history"]}
+        model = estimator(numWorkers=0, tensorboardDir=str(boards / "driver")).fit(labelled)
+        return {"top1": top1(model, test), "history": model.trainingSummary["history"],
+                "tensorboard": tensorboard(boards / "driver")}
 
     def cross_validation():
-        est = estimator(numWorkers=1, epochs=1)
+        est = estimator(numWorkers=1, epochs=1, tensorboardDir=str(boards / "cv"))
         grid = ParamGridBuilder().addGrid(est.learningRate, [0.01, 0.003]).build()
         evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
         cv = CrossValidator(estimator=est, estimatorParamMaps=grid, evaluator=evaluator,
@@ -139,7 +152,9 @@ def main(out_path: str) -> None:
                           for fold in fitted.subModels]
         return {"folds": folds, "learning_rates": learning_rates,
                 "metrics": list(fitted.avgMetrics),
-                "best_top1": top1(fitted.bestModel, test)}
+                "best_top1": top1(fitted.bestModel, test),
+                "tensorboard_runs": sorted(str(p.parent.relative_to(boards / "cv"))
+                                           for p in (boards / "cv").rglob("events.out.*"))}
 
     def killed_worker():
         spark.conf.set(KILL_CONF, "1:3")
@@ -151,11 +166,13 @@ def main(out_path: str) -> None:
 
     checkpoints = Path(out_path).parent / "checkpoints"
 
-    def resumed(kill: str, **params):
+    def resumed(name: str, kill: str, **params):
         # Killed once, in epoch 2 of 3: the retried stage (or task) resumes from epoch 1.
         spark.conf.set(KILL_CONF, kill)
         try:
-            model = estimator(epochs=3, checkpointDir=str(checkpoints), **params).fit(labelled)
+            model = estimator(epochs=3, checkpointDir=str(checkpoints),
+                              tensorboardDir=str(boards / name),
+                              **params).fit(labelled)
         finally:
             spark.conf.unset(KILL_CONF)
         summary = model.trainingSummary
@@ -163,14 +180,19 @@ def main(out_path: str) -> None:
         return {"resumed_from_epoch": [r["resumed_from_epoch"] for r in runs],
                 "epochs": [len(r["history"]["loss"]) for r in runs],
                 "digests": summary.get("digests"), "top1": top1(model, test),
+                "histories": [r["history"] for r in runs],
+                # One run per member, or the one model's run.
+                "tensorboard": [tensorboard(run) for run in
+                                sorted((boards / name).glob("member-*")) or [boards / name]],
                 "left_behind": sorted(p.name for p in checkpoints.glob("*"))}
 
     scenario("two_workers", two_workers)
     scenario("driver", driver)
     scenario("cross_validation", cross_validation)
     scenario("killed_worker", killed_worker)
-    scenario("resumed_workers", lambda: resumed("1:16:once", numWorkers=2))
-    scenario("resumed_member", lambda: resumed("0:16:once", numWorkers=1, ensembleSize=2))
+    scenario("resumed_workers", lambda: resumed("resumed_workers", "1:16:once", numWorkers=2))
+    scenario("resumed_member", lambda: resumed("resumed_member", "0:16:once", numWorkers=1,
+                                               ensembleSize=2))
     Path(out_path).write_text(json.dumps(record, indent=2))
     spark.stop()
 

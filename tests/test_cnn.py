@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TEST_CONF, make_digits
+from tensorboard_events import scalars
 
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
@@ -328,10 +329,10 @@ def test_train_job_on_two_executor_tasks_publishes_the_same_outputs(
     # TensorBoard logs from the history the chief sent back, laid out as Keras' callback does.
     with (out / "history.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert _tensorboard_scalars(out / "tensorboard" / "validation") == {
+    assert scalars(out / "tensorboard" / "validation") == {
         "epoch_loss": [pytest.approx(float(r["val_loss"])) for r in rows],
         "epoch_top1": [pytest.approx(float(r["val_top1"])) for r in rows]}
-    assert _tensorboard_scalars(out / "tensorboard" / "train")["epoch_loss"] == [
+    assert scalars(out / "tensorboard" / "train")["epoch_loss"] == [
         pytest.approx(float(r["loss"])) for r in rows]
     assert metrics["input"] == "executors" and metrics["num_workers"] == 2
     first, second = metrics["worker_digests"]
@@ -352,29 +353,19 @@ def _published_top1(out: Path, digits: MnistArrays) -> float:
     return float((probs.argmax(axis=1) == digits.test_labels).mean())
 
 
-def _tensorboard_scalars(run: Path) -> dict[str, list[float]]:
-    """Tag -> values by step, read back from a TensorBoard run folder's event files."""
-    import tensorflow as tf
-
-    values: dict[str, dict[int, float]] = {}
-    for path in sorted(run.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                values.setdefault(value.tag, {})[event.step] = float(
-                    tf.make_ndarray(value.tensor))
-    return {tag: [by_step[s] for s in sorted(by_step)] for tag, by_step in values.items()}
-
-
 def test_train_job_ensemble_publishes_the_averaged_model_and_one_tensorboard_run_per_member(
     spark, image_parquet, digits, tmp_path
 ):
+    shared = tmp_path / "shared"  # a folder the executors share: logs are written live there
     run_train_cnn(spark, _config(tmp_path, image_parquet, "cnn.ensemble=2", "cnn.num_workers=1",
-                                 "cnn.epochs=2", "cnn.tensorboard=true"))
+                                 "cnn.epochs=2", "cnn.tensorboard=true",
+                                 f"cnn.executor_checkpoint_dir={shared}"))
 
     out = tmp_path / "cnn"
+    assert not list(shared.glob("tensorboard-*"))  # copied to the output, then removed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["ensemble"] == 2 and [m["seed"] for m in metrics["members"]] == [0, 1]
-    members = [_tensorboard_scalars(out / "tensorboard" / f"member-{i}" / "validation")
+    members = [scalars(out / "tensorboard" / f"member-{i}" / "validation")
                for i in (0, 1)]
     assert members[0]["epoch_loss"] != members[1]["epoch_loss"]  # different seeds
     # history.csv is the members' per-epoch mean; each member's run holds its own values.

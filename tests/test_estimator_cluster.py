@@ -50,6 +50,26 @@ def test_two_worker_fit_ends_with_identical_weights_and_matches_driver_training(
     assert two["top1"] >= 0.95 and driver["top1"] >= 0.95
 
 
+def test_the_chief_writes_tensorboard_scalars_as_each_epoch_ends(record):
+    two = _ok(record["two_workers"])
+    board, history = two["tensorboard"], two["history"]
+    assert set(board) == {"train", "validation"}  # the chief's runs only: no per-worker copies
+    for run, prefix in (("train", ""), ("validation", "val_")):
+        for name in ("loss", "top1"):
+            events = board[run][f"epoch_{name}"]
+            assert [e[0] for e in events] == [0, 1]  # steps are epochs, from 0
+            assert [e[1] for e in events] == pytest.approx(history[prefix + name])
+    # Written when each epoch ended, not all at once after the fit: the writes are an epoch's
+    # training time apart (a write after the fit would put them milliseconds apart).
+    (_, _, first), (_, _, second) = board["train"]["epoch_loss"]
+    assert second - first >= 0.5 * two["epoch_seconds"][1] > 0
+    # Driver training writes the same runs and tags (Keras' callback).
+    driver = _ok(record["driver"])["tensorboard"]
+    assert [e[1] for e in driver["validation"]["epoch_loss"]] == pytest.approx(
+        _ok(record["driver"])["history"]["val_loss"])
+    assert set(board["train"]) <= set(driver["train"])
+
+
 def test_fitted_model_saves_loads_and_scores_the_same(record):
     two = _ok(record["two_workers"])
     assert Path(two["model_path"]).is_file()
@@ -67,6 +87,12 @@ def test_cross_validator_fits_its_candidates_concurrently_on_the_executors(recor
     assert len(cv["metrics"]) == 2 and cv["metrics"][0] != cv["metrics"][1]
     assert max(cv["metrics"]) >= 0.5
     assert cv["best_top1"] >= 0.8
+    # One TensorBoard run per candidate and fold: each fold's fitMultiple call has its folder.
+    # The last run, at the top, is CrossValidator's refit of the best candidate on all rows.
+    runs = cv["tensorboard_runs"]
+    calls = sorted({r.split("/")[0] for r in runs[:-1]})
+    assert len(calls) == 2 and all(c.startswith("fit-") for c in calls)
+    assert runs == [*(f"{c}/model-{i}/train" for c in calls for i in (0, 1)), "train"]
 
 
 def test_a_worker_killed_mid_training_fails_the_fit_with_a_clear_error(record):
@@ -85,6 +111,11 @@ def test_a_fit_with_a_checkpoint_dir_survives_a_killed_worker_and_resumes(record
     assert fit["digests"][0] == fit["digests"][1]
     assert fit["top1"] >= 0.95
     assert fit["left_behind"] == []  # a finished fit removes its checkpoint
+    # The restarted chief went on writing the same TensorBoard run: every epoch, once.
+    (board,) = fit["tensorboard"]
+    events = board["validation"]["epoch_loss"]
+    assert [e[0] for e in events] == [0, 1, 2]
+    assert [e[1] for e in events] == pytest.approx(fit["histories"][0]["val_loss"])
 
 
 def test_an_ensemble_member_killed_mid_training_resumes_from_its_checkpoint(record):
@@ -93,3 +124,9 @@ def test_an_ensemble_member_killed_mid_training_resumes_from_its_checkpoint(reco
     assert fit["resumed_from_epoch"] == [1, None] and fit["epochs"] == [3, 3]
     assert fit["top1"] >= 0.95
     assert fit["left_behind"] == []
+    # One TensorBoard run per member (Keras' callback in each task), every epoch once.
+    assert len(fit["tensorboard"]) == 2
+    for board, history in zip(fit["tensorboard"], fit["histories"], strict=True):
+        events = board["validation"]["epoch_loss"]
+        assert [e[0] for e in events] == [0, 1, 2]
+        assert [e[1] for e in events] == pytest.approx(history["val_loss"])

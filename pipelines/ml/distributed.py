@@ -46,6 +46,10 @@ the same number of workers and the same training rows (counted per label), resum
 last finished epoch; the data order after a resume is a new shuffle, not the interrupted one.
 A fit that finishes removes its checkpoint.
 
+TensorBoard (``tensorboard_dir``, a folder the executors write): the multi-worker chief writes
+each epoch's scalars as the epoch ends (:class:`pipelines.ml.training.EpochScalars`); an
+independent task's Keras ``TensorBoard`` callback writes its own run.
+
 Core binding (Spark conf :data:`BIND_CORES_CONF`): TensorFlow's thread pools (tf.data's, the
 inter-op pool, gRPC) run beside the ``spark.task.cpus`` compute threads, so an unbound worker
 takes more than its cores, and workers that share a host slow each other down. With ``auto``
@@ -118,11 +122,14 @@ class WorkerOutput:
 def fit_multi_worker(
     frame: Any, plan: TrainingPlan, validation: tuple[np.ndarray, np.ndarray] | None,
     num_workers: int, timeout_s: float, checkpoint_dir: str | None = None,
+    tensorboard_dir: str | None = None,
 ) -> list[WorkerOutput]:
     """Train ``plan`` on ``frame`` (columns :data:`SHARD_COLUMNS`) with ``num_workers`` tasks.
 
     Returns one :class:`WorkerOutput` per worker, by rank; rank 0 holds the model.
     ``checkpoint_dir``: where epoch checkpoints go (see the module doc); ``None``: none.
+    ``tensorboard_dir``: the chief writes each epoch's scalars there as the epoch ends (a
+    folder its executor can write, which the user's TensorBoard reads); ``None``: none.
 
     Raises:
         TrainingWorkerError: a worker failed (the Spark job's error, with the worker's message).
@@ -160,7 +167,7 @@ def fit_multi_worker(
             folder = _checkpoint_folder(checkpoint_dir, f"workers{len(peers)}", plan_json,
                                         [(p["rows"], p["labels"]) for p in peers])
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
-                       start, val_npz, work, folder)
+                       start, val_npz, work, folder, tensorboard_dir if rank == 0 else None)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
             hosts = [p["address"].rsplit(":", 1)[0] for p in peers]
             job["cores"] = worker_cores(bind, rank, hosts, job["threads"], _allowed_cpus())
@@ -189,12 +196,14 @@ def fit_multi_worker(
 def fit_independent(
     frame: Any, plans: Sequence[TrainingPlan], validation: tuple[np.ndarray, np.ndarray] | None,
     timeout_s: float, checkpoint_dir: str | None = None,
+    tensorboard_dirs: Sequence[str | None] | None = None,
 ) -> list[WorkerOutput]:
     """Train each plan as its own Spark task (one job, ``len(plans)`` tasks) on all of ``frame``
     (columns :data:`SHARD_COLUMNS`).
 
     Returns the outputs in the order of ``plans``. ``checkpoint_dir``: where each task keeps
-    its epoch state (see the module doc); ``None``: none.
+    its epoch state (see the module doc); ``None``: none. ``tensorboard_dirs``: per plan, where
+    its task's Keras ``TensorBoard`` callback writes (``None``: none).
 
     Raises:
         TrainingWorkerError: a task failed.
@@ -204,8 +213,12 @@ def fit_independent(
     spark = frame.sparkSession
     shape = tuple(plans[0].spec.input_shape)
     val_npz = _npz_bytes(validation) if validation else None
+    boards = list(tensorboard_dirs or [None] * len(plans))
+    if len(boards) != len(plans):
+        raise ValueError(f"one tensorboard_dirs entry per plan is needed. Received "
+                         f"{len(boards)} for {len(plans)} plans")
     jobs = {i: (plan.to_json(), Path(plan.start_model).read_bytes() if plan.start_model
-                else None) for i, plan in enumerate(plans)}
+                else None, boards[i]) for i, plan in enumerate(plans)}
     kill = spark.conf.get(KILL_CONF, None)
     _kill_plan(kill, -1, None)  # a bad value fails here, on the driver
 
@@ -220,7 +233,7 @@ def fit_independent(
             images, labels = _decode_all(iter(batch_list), shape, decode_batch,
                                          f"training rows of model {index}")
             del batch_list
-            plan_json, start = jobs[index]
+            plan_json, start, board = jobs[index]
             work = Path(tempfile.mkdtemp(prefix=f"pipelines-train-model{index}-"))
             try:
                 np.savez(work / "train.npz", x=images, y=labels)
@@ -228,7 +241,7 @@ def fit_independent(
                 folder = _checkpoint_folder(checkpoint_dir, f"model{index}", plan_json,
                                             [(len(labels), _label_counts(labels))])
                 job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
-                           val_npz, work, folder)
+                           val_npz, work, folder, board)
                 (work / "job.json").write_text(json.dumps(job))
                 out = _run_child(work, {}, f"training task for model {index}")
             finally:
@@ -328,7 +341,7 @@ def _checkpoint_folder(checkpoint_dir: str | None, name: str, plan_json: str,
 
 def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_s: float,
          kill: str | None, start: bytes | None, val_npz: bytes | None, work: Path,
-         checkpoint: Path | None) -> dict[str, Any]:
+         checkpoint: Path | None, tensorboard: str | None) -> dict[str, Any]:
     plan = json.loads(plan_json)
     if start is not None:
         (work / "start.keras").write_bytes(start)
@@ -340,6 +353,7 @@ def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_
         "threads": max(1, int(cpus)), "timeout_s": timeout_s, "cores": None,
         **_kill_plan(kill, rank, checkpoint),
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "tensorboard": tensorboard,
         "train": str(work / "train.npz"),
         "validation": str(work / "validation.npz") if val_npz is not None else None,
         "started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -509,8 +523,10 @@ def _train_single(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     val_ds = array_dataset(*validation, plan.batch_size, plan.num_classes) if validation else None
     state = Path(job["checkpoint"]) if job["checkpoint"] else work / "state"
     resumed = prepare_work_dir(state, "single", resume=bool(job["checkpoint"]))
+    board = Path(job["tensorboard"]) if job["tensorboard"] else None
     result = train_model(plan, train_ds, val_ds, steps(len(train[1]), plan.batch_size), state,
-                         resumed_from_epoch=resumed, extra_callbacks=callbacks)
+                         tensorboard=board, resumed_from_epoch=resumed,
+                         extra_callbacks=callbacks)
     result.model.save(work / "model.keras")
     if job["checkpoint"]:
         _remove(state)
@@ -553,7 +569,7 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     import tensorflow as tf
 
     from pipelines.ml.datasets import array_dataset
-    from pipelines.ml.training import build_model, seed_everything
+    from pipelines.ml.training import EpochScalars, build_model, seed_everything
 
     rank, workers = job["rank"], job["num_workers"]
     steps_per_epoch = job["steps_per_epoch"]
@@ -653,6 +669,7 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         epoch_seconds: list[float] = []
         best_value, best_weights, best_epoch, waited = None, None, None, 0
         step_count = 0
+    scalars = EpochScalars(Path(job["tensorboard"])) if job["tensorboard"] else None
     fit_started = time.perf_counter()
     for epoch in range(start_epoch, plan.epochs):
         epoch_started = time.perf_counter()
@@ -681,6 +698,8 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
             waited += 1
         logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
                     {k: round(v[-1], 4) for k, v in history.items()}, epoch_seconds[-1])
+        if scalars:
+            scalars.write(epoch, {k: v[-1] for k, v in history.items()})
         if folder and rank == 0:
             _save_checkpoint(folder, weights, [v.numpy() for v in optimizer.variables],
                              best_weights, {
@@ -691,6 +710,8 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         if float(global_sum(tf.constant(1.0 if stop else 0.0))) > 0:
             break
     fit_seconds = time.perf_counter() - fit_started
+    if scalars:
+        scalars.close()
     final_digest = weights_digest(model.get_weights())
     if rank == 0:
         twin.set_weights(best_weights)

@@ -151,6 +151,10 @@ class _KerasImageEstimatorParams(HasInputCol, HasLabelCol, HasProbabilityCol, Ha
                           "folder every executor reads and writes (a shared mount) for executor "
                           "training's epoch checkpoints; a retried or repeated fit resumes; "
                           "'' = none", typeConverter=TypeConverters.toString)
+    tensorboardDir = Param(Params._dummy(), "tensorboardDir",
+                           "folder for TensorBoard logs written as each epoch ends (executor "
+                           "training: a folder the executors write, a shared mount); "
+                           "'' = none", typeConverter=TypeConverters.toString)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -160,7 +164,7 @@ class _KerasImageEstimatorParams(HasInputCol, HasLabelCol, HasProbabilityCol, Ha
             batchSize=0, learningRate=0.0, lrSchedule="", shiftPixels=-1,
             validationFraction=0.0, validationIndicatorCol="", monitor="val_loss",
             earlyStoppingPatience=0, numWorkers=0, ensembleSize=1, timeoutSeconds=600.0,
-            modelDir="", checkpointDir="",
+            modelDir="", checkpointDir="", tensorboardDir="",
         )
 
 
@@ -192,6 +196,15 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
             stage that Spark retries, a retried task, or the same fit run again, resumes from
             the last finished epoch; removed when the fit ends. Every executor must see the
             same folder (a shared file system mount). ``''``: no checkpoints.
+        tensorboardDir: TensorBoard logs of each epoch's metrics, written while training (the
+            epoch scalars of Keras' ``TensorBoard`` callback: ``train/`` and ``validation/``
+            runs). On the driver by that callback; on the executors by the multi-worker chief,
+            or by each task's callback, so with ``numWorkers`` > 0 it must be a folder the
+            executors write and the user's TensorBoard reads (a shared mount). An ensemble
+            writes one run per member (``member-<i>/``); each ``fitMultiple`` call one per
+            param map (``fit-<id>/model-<i>/``, a new id per call, so a ``CrossValidator``'s
+            folds keep apart). ``''``: no logs (``trainingSummary["history"]`` has the same
+            values once the fit ends).
         probabilityCol, predictionCol: output columns of the fitted classifier.
     """
 
@@ -201,7 +214,7 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
                  learningRate=None, lrSchedule=None, shiftPixels=None, validationFraction=None,
                  validationIndicatorCol=None, monitor=None, earlyStoppingPatience=None,
                  seed=None, numWorkers=None, ensembleSize=None, timeoutSeconds=None,
-                 modelDir=None, checkpointDir=None):
+                 modelDir=None, checkpointDir=None, tensorboardDir=None):
         super().__init__()
         self.setParams(**self._input_kwargs)
 
@@ -211,7 +224,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
                   batchSize=None, learningRate=None, lrSchedule=None, shiftPixels=None,
                   validationFraction=None, validationIndicatorCol=None, monitor=None,
                   earlyStoppingPatience=None, seed=None, numWorkers=None, ensembleSize=None,
-                  timeoutSeconds=None, modelDir=None, checkpointDir=None):
+                  timeoutSeconds=None, modelDir=None, checkpointDir=None,
+                  tensorboardDir=None):
         kwargs = {k: v for k, v in self._input_kwargs.items() if v is not None}
         return self._set(**kwargs)
 
@@ -236,6 +250,9 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
     def setCheckpointDir(self, value: str) -> KerasImageEstimator:
         return self._set(checkpointDir=value)
 
+    def setTensorboardDir(self, value: str) -> KerasImageEstimator:
+        return self._set(tensorboardDir=value)
+
     # ----------------------------------------------------------------------- fitting
 
     def _fit(self, dataset: DataFrame) -> KerasImageClassifier:
@@ -248,16 +265,18 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
                     f"{workers} executor workers" if workers else "on the driver", members)
         if members > 1:
             plans = [dataclasses.replace(plan, seed=plan.seed + i) for i in range(members)]
-            trained = self._train_independent(dataset, inputs, plans)
+            boards = [self._tensorboard_dir(f"member-{i}") for i in range(members)]
+            trained = self._train_independent(dataset, inputs, plans, boards)
             return self._ensemble_model(trained, plan)
         if workers == 0:
-            (trained,) = self._train_independent(dataset, inputs, [plan])
+            (trained,) = self._train_independent(dataset, inputs, [plan],
+                                                 [self._tensorboard_dir()])
         else:
             from pipelines.ml.distributed import fit_multi_worker
 
             outputs = fit_multi_worker(inputs.train_frame, plan, inputs.validation(), workers,
                                        self.getOrDefault(self.timeoutSeconds),
-                                       self._checkpoint_dir())
+                                       self._checkpoint_dir(), self._tensorboard_dir())
             trained = (outputs[0].model, {**outputs[0].result,
                                           "digests": [o.result["digest"] for o in outputs],
                                           "worker_cores": [o.result["cores"] for o in outputs]})
@@ -274,10 +293,17 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         from pyspark.ml.base import _FitMultipleIterator
 
         estimators = [self.copy(m) for m in paramMaps]
+        # One TensorBoard run per candidate, under a folder per call (a CrossValidator calls
+        # once per fold, and its folds must not write into each other's runs).
+        call = f"fit-{uuid.uuid4().hex[:8]}"
+        for i, estimator in enumerate(estimators):
+            if estimator.getOrDefault(estimator.tensorboardDir):
+                estimator._set(tensorboardDir=estimator._tensorboard_dir(f"{call}/model-{i}"))
         parallel = self.getOrDefault(self.numWorkers) > 0 and all(
             e.getOrDefault(e.ensembleSize) == 1 for e in estimators)
         if not parallel or len(estimators) < 2:
-            return super().fitMultiple(dataset, paramMaps)
+            return _FitMultipleIterator(lambda index: estimators[index].fit(dataset),
+                                        len(estimators))
         lock = threading.Lock()
         fitted: list[KerasImageClassifier] = []
 
@@ -297,22 +323,25 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         plans = [e._plan(inputs.num_classes, bool(inputs.validation_rows)) for e in estimators]
         logger.info("fitting %s candidates as parallel Spark tasks", len(plans))
         outputs = fit_independent(inputs.train_frame, plans, inputs.validation(),
-                                  self.getOrDefault(self.timeoutSeconds), self._checkpoint_dir())
+                                  self.getOrDefault(self.timeoutSeconds), self._checkpoint_dir(),
+                                  [e._tensorboard_dir() for e in estimators])
         return [e._classifier([(o.model, o.result)], plan)
                 for e, o, plan in zip(estimators, outputs, plans, strict=True)]
 
     def _train_independent(self, dataset: DataFrame, inputs: _Inputs,
-                           plans: list[TrainingPlan]) -> list[tuple[bytes, dict[str, Any]]]:
-        """Each plan trained on the whole training set: as tasks, or on the driver in turn."""
+                           plans: list[TrainingPlan], boards: list[str | None]
+                           ) -> list[tuple[bytes, dict[str, Any]]]:
+        """Each plan trained on the whole training set: as tasks, or on the driver in turn;
+        ``boards``: each plan's TensorBoard folder (or None)."""
         if self.getOrDefault(self.numWorkers) > 0:
             from pipelines.ml.distributed import fit_independent
 
             outputs = fit_independent(inputs.train_frame, plans, inputs.validation(),
                                       self.getOrDefault(self.timeoutSeconds),
-                                      self._checkpoint_dir())
+                                      self._checkpoint_dir(), boards)
             return [(o.model, o.result) for o in outputs]
-        return [_train_on_driver(plan, inputs.train_arrays(), inputs.validation())
-                for plan in plans]
+        return [_train_on_driver(plan, inputs.train_arrays(), inputs.validation(), board)
+                for plan, board in zip(plans, boards, strict=True)]
 
     # ----------------------------------------------------------------------- resolving
 
@@ -403,6 +432,13 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
     def _checkpoint_dir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir).removeprefix("file://") or None
 
+    def _tensorboard_dir(self, run: str = "") -> str | None:
+        """``tensorboardDir`` (its sub-folder ``run``), or None when it is not set."""
+        folder = self.getOrDefault(self.tensorboardDir).removeprefix("file://")
+        if not folder:
+            return None
+        return str(Path(folder) / run) if run else folder
+
     def _model_dir(self) -> Path:
         folder = self.getOrDefault(self.modelDir)
         path = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="keras-estimator-"))
@@ -488,7 +524,7 @@ def _collect(frame: DataFrame, shape: tuple[int, int, int], where: str
 
 
 def _train_on_driver(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
-                     validation: tuple[np.ndarray, np.ndarray] | None
+                     validation: tuple[np.ndarray, np.ndarray] | None, tensorboard: str | None
                      ) -> tuple[bytes, dict[str, Any]]:
     from pipelines.ml.datasets import array_dataset
     from pipelines.ml.distributed import weights_digest
@@ -503,7 +539,8 @@ def _train_on_driver(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         val_ds = (array_dataset(*validation, plan.batch_size, plan.num_classes)
                   if validation else None)
         result = train_model(plan, train_ds, val_ds, steps(len(train[1]), plan.batch_size),
-                             work / "state")
+                             work / "state",
+                             tensorboard=Path(tensorboard) if tensorboard else None)
         result.model.save(work / "model.keras")
         summary = {"history": result.history, "best_epoch": result.best_epoch,
                    "fit_seconds": result.fit_seconds, "epoch_seconds": result.epoch_seconds,

@@ -121,13 +121,14 @@ def seed_everything(plan: TrainingPlan) -> None:
 
 def train_model(
     plan: TrainingPlan, train_ds: Any, val_ds: Any, steps_per_epoch: int, work: Path, *,
-    verbose: int = 0, tensorboard: bool = False, resumed_from_epoch: int | None = None,
+    verbose: int = 0, tensorboard: Path | None = None, resumed_from_epoch: int | None = None,
     extra_callbacks: Sequence[Any] = (),
 ) -> TrainResult:
     """Keras ``fit`` with validation every epoch; returns the model with its best epoch's weights.
 
     ``work`` holds the resumable state (prepared by :func:`prepare_work_dir`); ``val_ds`` may be
     ``None`` (no validation: the last epoch is kept, ``monitor`` must then be a training metric).
+    ``tensorboard``: a folder for Keras' ``TensorBoard`` callback, or None.
     ``extra_callbacks`` are added after the others (the job's failpoint, for example).
     """
     seed_everything(plan)
@@ -148,7 +149,7 @@ def train_model(
 
 
 def epoch_callbacks(work: Path, monitor: str, patience: int | None,
-                    tensorboard: bool) -> list[Any]:
+                    tensorboard: Path | None) -> list[Any]:
     """Resumable state, history, best weights, per-epoch log lines, early stopping, TensorBoard."""
     import keras
 
@@ -170,9 +171,9 @@ def epoch_callbacks(work: Path, monitor: str, patience: int | None,
     if patience is not None:
         callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode=mode,
                                                        patience=patience))
-    if tensorboard:
+    if tensorboard is not None:
         callbacks.append(keras.callbacks.TensorBoard(
-            str(work / "tensorboard"), write_graph=False, update_freq="epoch"))
+            str(tensorboard), write_graph=False, update_freq="epoch"))
     return callbacks
 
 
@@ -243,27 +244,49 @@ def write_history(path: Path, history: dict[str, list[float]]) -> None:
             writer.writerow([i, *(history[k][i] for k in keys)])
 
 
-def write_tensorboard(log_dir: Path, history: dict[str, list[float]]) -> None:
-    """Per-epoch scalars of ``history`` as TensorBoard logs, laid out as Keras' ``TensorBoard``
-    callback lays out ``update_freq="epoch"``: ``train/`` and ``validation/`` runs (``val_``
-    dropped), tags ``epoch_<metric>``, steps from 0.
+class EpochScalars:
+    """Per-epoch scalars as TensorBoard logs, laid out as Keras' ``TensorBoard`` callback lays
+    out ``update_freq="epoch"``: ``train/`` and ``validation/`` runs (``val_`` dropped), tags
+    ``epoch_<metric>``, steps from 0. Each :meth:`write` is flushed, so TensorBoard shows an
+    epoch as soon as it ends.
 
-    For training whose history comes back as values (executor tasks) rather than through a
-    callback in this process.
+    For training loops without Keras callbacks (the multi-worker chief) and for histories that
+    come back as values (:func:`write_tensorboard`).
     """
-    import tensorflow as tf
 
-    runs = {"train": {k: v for k, v in history.items() if not k.startswith("val_")},
-            "validation": {k[4:]: v for k, v in history.items() if k.startswith("val_")}}
-    for run, metrics in runs.items():
-        if not metrics:
-            continue
-        writer = tf.summary.create_file_writer(str(log_dir / run))
-        with writer.as_default():
-            for name, values in sorted(metrics.items()):
-                for step, value in enumerate(values):
-                    tf.summary.scalar(f"epoch_{name}", float(value), step=step)
-        writer.close()
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self._writers: dict[str, Any] = {}
+
+    def write(self, epoch: int, logs: dict[str, float]) -> None:
+        import tensorflow as tf
+
+        runs = {"train": {k: v for k, v in logs.items() if not k.startswith("val_")},
+                "validation": {k[4:]: v for k, v in logs.items() if k.startswith("val_")}}
+        for run, metrics in runs.items():
+            if not metrics:
+                continue
+            if run not in self._writers:
+                self._writers[run] = tf.summary.create_file_writer(str(self.log_dir / run))
+            with self._writers[run].as_default():
+                for name, value in sorted(metrics.items()):
+                    tf.summary.scalar(f"epoch_{name}", float(value), step=epoch)
+            self._writers[run].flush()
+
+    def close(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
+        self._writers.clear()
+
+
+def write_tensorboard(log_dir: Path, history: dict[str, list[float]]) -> None:
+    """Every epoch of ``history`` through :class:`EpochScalars`: for training whose history
+    comes back as values (executor tasks without a shared ``tensorboardDir``)."""
+    scalars = EpochScalars(log_dir)
+    epochs = len(next(iter(history.values()), []))
+    for epoch in range(epochs):
+        scalars.write(epoch, {k: v[epoch] for k, v in history.items()})
+    scalars.close()
 
 
 def best_epoch(history: dict[str, list[float]], monitor: str) -> int | None:

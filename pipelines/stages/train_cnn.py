@@ -158,7 +158,8 @@ def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None,
                 counts, labels)
 
     work = checkpoint_dir(cfg)
-    resume_epoch = prepare_work_dir(work, _run_digest(cfg, spec, epochs, batch_size), cfg.resume)
+    digest = _run_digest(cfg, spec, epochs, batch_size)
+    resume_epoch = prepare_work_dir(work, digest, cfg.resume)
     plan = TrainingPlan(spec=spec.model_copy(update={"epochs": epochs, "batch_size": batch_size}),
                         num_classes=num_classes, seed=cfg.seed, monitor=cfg.monitor,
                         patience=cfg.early_stopping_patience, deterministic=cfg.deterministic)
@@ -166,7 +167,7 @@ def train_cnn(cfg: CnnConfig, spark: SparkSession | None = None,
         if spark is None:
             raise ValueError("training on the executors needs a SparkSession. Received: "
                              f"cnn.num_workers={cfg.num_workers}, cnn.ensemble={cfg.ensemble}")
-        trained, feed, extra = _train_with_estimator(spark, cfg, plan, work)
+        trained, feed, extra = _train_with_estimator(spark, cfg, plan, work, digest)
     else:
         trained, feed = _train_on_driver(cfg, plan, train, validation, counts, work, resume_epoch,
                                          tracker, progress_seconds)
@@ -257,7 +258,8 @@ def _train_on_driver(cfg: CnnConfig, plan: TrainingPlan, train: Any, validation:
         callbacks.append(keras.callbacks.LambdaCallback(
             on_epoch_end=lambda epoch, logs: tracker.log_metrics(logs or {}, step=epoch + 1)))
     trained = train_model(plan, train_ds, val_ds, steps(counts[cfg.train_split], batch_size),
-                          work, verbose=verbose, tensorboard=cfg.tensorboard,
+                          work, verbose=verbose,
+                          tensorboard=work / "tensorboard" if cfg.tensorboard else None,
                           resumed_from_epoch=resume_epoch, extra_callbacks=callbacks)
     return trained, "in_memory" if in_memory else "streamed"
 
@@ -268,9 +270,14 @@ def _failpoint_callback() -> Any:
     return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: maybe_fail("cnn.epoch"))
 
 
-def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPlan, work: Path
-                          ) -> tuple[TrainResult, str, dict[str, Any]]:
-    """The estimator on the train + validation rows: executor tasks, or an ensemble."""
+def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPlan, work: Path,
+                          digest: str) -> tuple[TrainResult, str, dict[str, Any]]:
+    """The estimator on the train + validation rows: executor tasks, or an ensemble.
+
+    TensorBoard logs are written while training into ``work`` (members on the driver) or into
+    ``executor_checkpoint_dir`` (a folder the executors share), then copied into ``work``; with
+    neither, they are written from the history the tasks return, after the fit.
+    """
     import keras
 
     from pipelines.ml.estimator import KerasImageEstimator
@@ -279,13 +286,18 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
         F.col("split").isin(cfg.train_split, cfg.validation_split)
     ).withColumn("_is_validation", F.col("split") == cfg.validation_split)
     spec = plan.spec
+    live = _live_tensorboard_dir(cfg, work, digest)
     estimator = KerasImageEstimator(
         architecture=spec.model_dump_json(), numClasses=plan.num_classes, epochs=spec.epochs,
         batchSize=spec.batch_size, validationIndicatorCol="_is_validation",
         monitor=cfg.monitor, earlyStoppingPatience=cfg.early_stopping_patience or 0,
         seed=cfg.seed, numWorkers=cfg.num_workers, ensembleSize=cfg.ensemble,
-        modelDir=str(work / "estimator"), checkpointDir=cfg.executor_checkpoint_dir or "")
+        modelDir=str(work / "estimator"), checkpointDir=cfg.executor_checkpoint_dir or "",
+        tensorboardDir=str(live or ""))
     fitted = estimator.fit(rows)
+    if live is not None and live != work / "tensorboard":
+        shutil.copytree(live, work / "tensorboard", dirs_exist_ok=True)
+        shutil.rmtree(live, ignore_errors=True)
     model = keras.saving.load_model(fitted.getModelPath(), safe_mode=True, compile=False)
     compile_model(model, spec, 1, spec.epochs)  # for evaluate() only: it is not trained further
     # Built, so the published file's optimizer matches what load_model(compile=True) creates.
@@ -304,7 +316,7 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
             if cfg.num_workers else sum(m["fit_seconds"] for m in members)
         best = best_epoch(history, cfg.monitor)
         resumed = None
-        if cfg.tensorboard:
+        if cfg.tensorboard and live is None:
             for i, member in enumerate(members):
                 write_tensorboard(work / "tensorboard" / f"member-{i}", member["history"])
     else:
@@ -312,10 +324,32 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
         extra = {"worker_digests": summary.get("digests")}
         fit_seconds, best = summary["fit_seconds"], summary["best_epoch"]
         resumed = summary.get("resumed_from_epoch")
-        if cfg.tensorboard:
+        if cfg.tensorboard and live is None:
             write_tensorboard(work / "tensorboard", history)
     feed = "executors" if cfg.num_workers else "collected_to_driver"
     return TrainResult(model, history, best, fit_seconds, resumed), feed, extra
+
+
+def _live_tensorboard_dir(cfg: CnnConfig, work: Path, digest: str) -> Path | None:
+    """Where the estimator writes TensorBoard logs as epochs end, or None (written afterwards).
+
+    Executor tasks need a folder they share: ``executor_checkpoint_dir``, in a sub-folder named
+    by the run's settings, so a rerun that resumes its checkpoints adds to its own logs.
+    """
+    if not cfg.tensorboard:
+        return None
+    if not cfg.num_workers:  # ensemble members trained on the driver
+        return work / "tensorboard"
+    if cfg.executor_checkpoint_dir:
+        folder = Path(cfg.executor_checkpoint_dir.removeprefix("file://"))
+        live = folder / f"tensorboard-{digest[:16]}"
+        logger.info("cnn: TensorBoard logs are written as epochs end to %s "
+                    "(copied to the output when the fit ends)", live)
+        return live
+    logger.info("cnn: TensorBoard logs are written from the training history when the fit "
+                "ends; set cnn.executor_checkpoint_dir to a folder the executors share to "
+                "follow them live")
+    return None
 
 
 def _keras_verbose(progress: str) -> int:
