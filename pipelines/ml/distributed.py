@@ -213,12 +213,10 @@ def fit_independent(
     spark = frame.sparkSession
     shape = tuple(plans[0].spec.input_shape)
     val_npz = _npz_bytes(validation) if validation else None
-    boards = list(tensorboard_dirs or [None] * len(plans))
-    if len(boards) != len(plans):
-        raise ValueError(f"one tensorboard_dirs entry per plan is needed. Received "
-                         f"{len(boards)} for {len(plans)} plans")
+    boards = tensorboard_dirs or [None] * len(plans)
     jobs = {i: (plan.to_json(), Path(plan.start_model).read_bytes() if plan.start_model
-                else None, boards[i]) for i, plan in enumerate(plans)}
+                else None, board) for i, (plan, board) in enumerate(zip(plans, boards,
+                                                                        strict=True))}
     kill = spark.conf.get(KILL_CONF, None)
     _kill_plan(kill, -1, None)  # a bad value fails here, on the driver
 

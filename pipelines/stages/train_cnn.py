@@ -298,6 +298,7 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
     if live is not None and live != work / "tensorboard":
         shutil.copytree(live, work / "tensorboard", dirs_exist_ok=True)
         shutil.rmtree(live, ignore_errors=True)
+    from_history = cfg.tensorboard and live is None  # no live logs: write them now
     model = keras.saving.load_model(fitted.getModelPath(), safe_mode=True, compile=False)
     compile_model(model, spec, 1, spec.epochs)  # for evaluate() only: it is not trained further
     # Built, so the published file's optimizer matches what load_model(compile=True) creates.
@@ -316,7 +317,7 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
             if cfg.num_workers else sum(m["fit_seconds"] for m in members)
         best = best_epoch(history, cfg.monitor)
         resumed = None
-        if cfg.tensorboard and live is None:
+        if from_history:
             for i, member in enumerate(members):
                 write_tensorboard(work / "tensorboard" / f"member-{i}", member["history"])
     else:
@@ -324,7 +325,7 @@ def _train_with_estimator(spark: SparkSession, cfg: CnnConfig, plan: TrainingPla
         extra = {"worker_digests": summary.get("digests")}
         fit_seconds, best = summary["fit_seconds"], summary["best_epoch"]
         resumed = summary.get("resumed_from_epoch")
-        if cfg.tensorboard and live is None:
+        if from_history:
             write_tensorboard(work / "tensorboard", history)
     feed = "executors" if cfg.num_workers else "collected_to_driver"
     return TrainResult(model, history, best, fit_seconds, resumed), feed, extra
