@@ -1,5 +1,6 @@
-"""``jobs/run_pipeline.py`` as a scheduler runs it: separate processes, exit codes, a
-multi-executor cluster, a run killed in the middle of a stage and rerun."""
+"""``jobs/run_pipeline.py`` as a scheduler runs it: separate processes, exit codes, a run killed
+in the middle of a stage and rerun. The pipeline on two executor JVMs, and its rerun, are in
+tests/test_standalone_cluster.py."""
 
 from __future__ import annotations
 
@@ -81,39 +82,6 @@ def test_missing_input_fails_with_exit_1_naming_the_stage_and_cause(tmp_path, ti
     assert not (out / "_manifests" / "ingest.json").exists()
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert not (out / "images").exists() and _leftovers(out) == []
-
-
-@pytest.mark.cluster
-def test_pipeline_on_a_two_executor_cluster_then_rerun_skips_everything(
-    tmp_path, tiny_mnist_dir
-):
-    out = tmp_path / "out"
-    # The stages whose work runs in Python workers on the executors (export, augment, the
-    # featurizer) run on two executor JVMs: nothing may rely on driver-local state.
-    stages = ["ingest", "export", "augment", "transfer", "report"]
-    args = _args(out, tiny_mnist_dir, "--only", ",".join(stages),
-                 "--set", "transfer.train_size=30", "--set", "transfer.test_size=20")
-    first = _run(args + ["--set", "spark.master=local-cluster[2,1,1024]"], timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "master=local-cluster[2,1,1024]" in first.stderr
-    run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "succeeded"
-    assert [(r["stage"], r["action"]) for r in run["stages"]] == [(s, "ran") for s in stages]
-    ingest = json.loads((out / "_manifests" / "ingest.json").read_text())
-    assert ingest["summary"]["rows_per_split"] == {"train": 30, "validation": 10, "test": 20}
-    assert len(list((out / "png").rglob("*.png"))) == 60
-    assert len(list((out / "augmented" / "png").rglob("*.png"))) == 60 * 3
-    transfer = json.loads((out / "transfer" / "metrics.json").read_text())
-    assert "none" in json.dumps(transfer).lower()  # says which weights were used
-    assert (out / "report" / "index.html").exists()
-    assert "stage 1/5 ingest: running (no manifest)" in first.stderr
-
-    # Another master, same config sections: nothing to redo.
-    second = _run(args + ["--set", "spark.master=local[1]"])
-    assert second.returncode == 0, second.stderr[-3000:]
-    for i, stage in enumerate(stages, 1):
-        assert f"stage {i}/5 {stage}: skipped (up to date" in second.stderr
-    assert json.loads((out / "_manifests" / "ingest.json").read_text()) == ingest
 
 
 def _tree(out: Path) -> dict[str, tuple[int, int]]:

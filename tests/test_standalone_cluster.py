@@ -1,9 +1,12 @@
-"""The cluster recipe of docs/cluster.md, as written: a real standalone master and worker (the
-``spark-class`` Master and Worker of the installed pyspark) on 127.0.0.1, and ``spark-submit
+"""The cluster recipe of docs/cluster.md, as written: a real standalone master and two workers
+(the ``spark-class`` Master and Worker of the installed pyspark) on 127.0.0.1, and ``spark-submit
 --archives dist/env.tar.gz#environment`` of the pipeline from a directory outside the project.
+Two executor JVMs run the stages whose work runs in Python workers (export, augment, the
+featurizer): nothing may rely on driver-local state. A rerun on ``local[1]`` then skips every
+stage.
 
 Cost: ``make dist`` when the archive is out of date (about 3 min here; a no-op otherwise), then
-about 2 min for the cluster, the executor unpacking the archive and four stages.
+about 3 min for the cluster, each executor unpacking the archive, five stages and the rerun.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
-STAGES = ["ingest", "export", "transfer", "report"]
+STAGES = ["ingest", "export", "augment", "transfer", "report"]
+WORKERS = 2
 
 
 def _free_port() -> int:
@@ -67,7 +71,8 @@ def _master_state(ui_port: int) -> dict:
 
 @pytest.fixture
 def standalone_cluster(tmp_path):
-    """A master and one worker (2 cores, 3 GiB) on 127.0.0.1; stopped by pid afterwards."""
+    """A master and two workers (1 core, 1.5 GiB each) on 127.0.0.1; stopped by pid
+    afterwards."""
     port, ui = _free_port(), _free_port()
     logs = tmp_path / "cluster-logs"
     logs.mkdir()
@@ -79,22 +84,24 @@ def standalone_cluster(tmp_path):
              "--port", str(port), "--webui-port", str(ui)],
             stdout=sink, stderr=subprocess.STDOUT, env=_spark_env()))
     work = tmp_path / "worker-work"
-    with (logs / "worker.log").open("w") as sink:
-        procs.append(subprocess.Popen(
-            [spark_class, "org.apache.spark.deploy.worker.Worker", f"spark://127.0.0.1:{port}",
-             "--host", "127.0.0.1", "--cores", "2", "--memory", "3g", "--work-dir", str(work),
-             "--webui-port", str(_free_port())],
-            stdout=sink, stderr=subprocess.STDOUT, env=_spark_env()))
+    for i in range(WORKERS):
+        with (logs / f"worker-{i}.log").open("w") as sink:
+            procs.append(subprocess.Popen(
+                [spark_class, "org.apache.spark.deploy.worker.Worker",
+                 f"spark://127.0.0.1:{port}", "--host", "127.0.0.1", "--cores", "1",
+                 "--memory", "1536m", "--work-dir", str(work / str(i)),
+                 "--webui-port", str(_free_port())],
+                stdout=sink, stderr=subprocess.STDOUT, env=_spark_env()))
     try:
         deadline = time.monotonic() + 120
         while True:
             assert all(p.poll() is None for p in procs), (logs / "master.log").read_text()[-2000:]
             try:
-                if _master_state(ui).get("aliveworkers") == 1:
+                if _master_state(ui).get("aliveworkers") == WORKERS:
                     break
             except OSError:
                 pass
-            assert time.monotonic() < deadline, "the worker never registered with the master"
+            assert time.monotonic() < deadline, "the workers never registered with the master"
             time.sleep(0.5)
         yield {"master": f"spark://127.0.0.1:{port}", "ui": ui, "work": work, "logs": logs}
     finally:
@@ -119,7 +126,7 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     cmd = [str(SPARK_HOME / "bin" / "spark-submit"), "--master", standalone_cluster["master"],
            "--archives", f"{dist_archive}#environment",
            "--driver-java-options", f"-Dlog4j2.configurationFile={ROOT}/conf/log4j2.properties",
-           "--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=2",
+           "--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=1",
            str(ROOT / "jobs" / "run_pipeline.py"), "--config", str(ROOT / "conf" / "test.yaml"),
            "--only", ",".join(STAGES)]
     for item in sets:
@@ -147,14 +154,31 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     ingest = json.loads((out / "_manifests" / "ingest.json").read_text())
     assert ingest["summary"]["rows_per_split"] == {"train": 30, "validation": 10, "test": 20}
     assert len(list((out / "png").rglob("*.png"))) == 60
+    assert len(list((out / "augmented" / "png").rglob("*.png"))) == 60 * 3
     metrics = json.loads((out / "transfer" / "metrics.json").read_text())
     assert 0.0 <= metrics["top1"] <= 1.0
+    assert "none" in json.dumps(metrics).lower()  # says which weights were used
+    assert f"stage 1/{len(STAGES)} ingest: running (no manifest)" in log
     assert "Run status: <b class=\"ok\">succeeded</b>" in (out / "report" / "index.html").read_text()
-    unpacked = list(standalone_cluster["work"].glob("app-*/*/environment"))
-    assert unpacked, sorted(p.name for p in standalone_cluster["work"].rglob("*"))[:20]
+    unpacked = list(standalone_cluster["work"].glob("*/app-*/*/environment"))
+    assert len(unpacked) == WORKERS, sorted(
+        p.name for p in standalone_cluster["work"].rglob("*"))[:20]
     site = unpacked[0] / "lib" / "python3.11" / "site-packages"
     assert (site / "pipelines").is_dir() and (site / "tensorflow").is_dir()
     assert not (site / "pyspark").exists()  # the cluster's own pyspark serves the executors
     executor_log = "".join(p.read_text(errors="replace") for p in
-                           standalone_cluster["work"].glob("app-*/*/stderr"))
+                           standalone_cluster["work"].glob("*/app-*/*/stderr"))
     assert "Traceback" not in executor_log, executor_log[-3000:]
+
+    # Another master, this checkout's Python, same config sections: nothing to redo.
+    rerun_env = {**_spark_env(), "PYSPARK_PYTHON": sys.executable,
+                 "PYTHONPATH": str(ROOT)}
+    rerun = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "run_pipeline.py"), "--config",
+         str(ROOT / "conf" / "test.yaml"), "--only", ",".join(STAGES),
+         "--set", "spark.master=local[1]", *[a for item in sets for a in ("--set", item)]],
+        cwd=elsewhere, env=rerun_env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for i, stage in enumerate(STAGES, 1):
+        assert f"stage {i}/{len(STAGES)} {stage}: skipped (up to date" in rerun.stderr
+    assert json.loads((out / "_manifests" / "ingest.json").read_text()) == ingest
