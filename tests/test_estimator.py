@@ -7,6 +7,7 @@ tests/test_estimator_cluster.py.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -128,6 +129,21 @@ def test_bad_columns_labels_and_batch_split_are_named(frames, tmp_path):
         _estimator(tmp_path, numClasses=5).fit(labelled)
     with pytest.raises(ValueError, match="multiple of numWorkers.*batchSize=33, numWorkers=2"):
         _estimator(tmp_path, numWorkers=2, batchSize=33).fit(labelled)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unwritable_tensorboard_or_checkpoint_folder_fails_before_training(
+    frames, tmp_path, workers
+):
+    labelled, _, _, _ = frames
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for name in ("tensorboardDir", "checkpointDir"):
+        folder = str(blocker / "logs")
+        with pytest.raises(ValueError, match=rf"{name} must be a folder.*"
+                                             rf"Received: {name}='{re.escape(folder)}'"):
+            _estimator(tmp_path, numWorkers=workers, **{name: folder}).fit(labelled)
+    assert not list((tmp_path / "models").glob("*.keras"))  # nothing was trained
 
 
 @pytest.mark.parametrize(("mode", "rank", "hosts", "cpus", "allowed", "cores"), [

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import tempfile
 import threading
 import uuid
@@ -256,6 +257,7 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
     # ----------------------------------------------------------------------- fitting
 
     def _fit(self, dataset: DataFrame) -> KerasImageClassifier:
+        self._check_folders()
         inputs = self._inputs(dataset)
         workers = self.getOrDefault(self.numWorkers)
         members = self.getOrDefault(self.ensembleSize)
@@ -319,6 +321,8 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
                       ) -> list[KerasImageClassifier]:
         from pipelines.ml.distributed import fit_independent
 
+        for estimator in estimators:
+            estimator._check_folders()
         inputs = self._inputs(dataset)
         plans = [e._plan(inputs.num_classes, bool(inputs.validation_rows)) for e in estimators]
         logger.info("fitting %s candidates as parallel Spark tasks", len(plans))
@@ -428,6 +432,22 @@ class KerasImageEstimator(Estimator, _KerasImageEstimatorParams, DefaultParamsRe
         return _Inputs(frame, classes, tuple(spec.input_shape), int(stats["validation"] or 0))
 
     # ----------------------------------------------------------------------- the fitted model
+
+    def _check_folders(self) -> None:
+        """Creates ``checkpointDir`` and ``tensorboardDir`` before any training starts: a folder
+        that cannot be written would otherwise fail the fit only once the first epoch ends."""
+        for name, folder in (("checkpointDir", self._checkpoint_dir()),
+                             ("tensorboardDir", self._tensorboard_dir())):
+            if not folder:
+                continue
+            try:
+                Path(folder).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ValueError(f"{name} must be a folder this process can create and write "
+                                 f"({exc.strerror}). Received: {name}={folder!r}") from exc
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(f"{name} must be a folder this process can write (permission "
+                                 f"denied). Received: {name}={folder!r}")
 
     def _checkpoint_dir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir).removeprefix("file://") or None
