@@ -123,14 +123,12 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     sets = [f"output_root={out}", "mnist.sources=[local]", f"mnist.local_dir={tiny_mnist_dir}",
             f"mnist.cache_dir={out}/cache", "ingest.validation_size=10", "ingest.partitions=2",
             "transfer.train_size=30", "transfer.test_size=20"]
+    job = [str(ROOT / "jobs" / "run_pipeline.py"), "--config", str(ROOT / "conf" / "test.yaml"),
+           "--only", ",".join(STAGES), *[arg for item in sets for arg in ("--set", item)]]
     cmd = [str(SPARK_HOME / "bin" / "spark-submit"), "--master", standalone_cluster["master"],
            "--archives", f"{dist_archive}#environment",
            "--driver-java-options", f"-Dlog4j2.configurationFile={ROOT}/conf/log4j2.properties",
-           "--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=1",
-           str(ROOT / "jobs" / "run_pipeline.py"), "--config", str(ROOT / "conf" / "test.yaml"),
-           "--only", ",".join(STAGES)]
-    for item in sets:
-        cmd += ["--set", item]
+           "--conf", "spark.executor.memory=1g", "--conf", "spark.executor.cores=1", *job]
     proc = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True,
                           timeout=900)
     # spark-submit passes the Python driver's stderr on to its own stdout.
@@ -173,11 +171,9 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     # Another master, this checkout's Python, same config sections: nothing to redo.
     rerun_env = {**_spark_env(), "PYSPARK_PYTHON": sys.executable,
                  "PYTHONPATH": str(ROOT)}
-    rerun = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "run_pipeline.py"), "--config",
-         str(ROOT / "conf" / "test.yaml"), "--only", ",".join(STAGES),
-         "--set", "spark.master=local[1]", *[a for item in sets for a in ("--set", item)]],
-        cwd=elsewhere, env=rerun_env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run([sys.executable, *job, "--set", "spark.master=local[1]"],
+                           cwd=elsewhere, env=rerun_env, capture_output=True, text=True,
+                           timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for i, stage in enumerate(STAGES, 1):
         assert f"stage {i}/{len(STAGES)} {stage}: skipped (up to date" in rerun.stderr
