@@ -67,6 +67,12 @@ DIST_PYTHON_PREFIX ?=
 DIST_COMPRESS_LEVEL ?= 1
 DIST_OPTIONS := pyspark=$(DIST_PYSPARK) prefix=$(DIST_PYTHON_PREFIX) python=$(PYTHON) \
   compress=$(DIST_COMPRESS_LEVEL)
+# uv installs the archive's packages at the test environment's versions (its freeze is the
+# constraints file), so executors run what `make test` passed with; it installs from its cache
+# and compiles in parallel (~55 s here where pip took ~130 s). uv reads its own index settings
+# (UV_DEFAULT_INDEX, UV_INDEX, uv.toml), not pip.conf.
+UV := $(VENV)/bin/uv
+UV_DIST := --quiet --python $(DIST_ENV)/bin/python
 DIST_SOURCES := pyproject.toml $(shell find pipelines -type f -not -path '*/__pycache__/*')
 
 dist: dist/env.tar.gz
@@ -79,10 +85,10 @@ dist/env.tar.gz: $(STAMP) $(DIST_SOURCES) build/dist-options
 	rm -rf dist $(DIST_ENV) build/lib build/bdist.*
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dist]'
 	$(PY) -m build --wheel --outdir dist .
-	$(PYTHON) -m venv $(DIST_ENV)
-	$(DIST_ENV)/bin/pip install --disable-pip-version-check -q dist/*.whl
-	@if [ "$(DIST_PYSPARK)" != 1 ]; then \
-	  $(DIST_ENV)/bin/pip uninstall --disable-pip-version-check -q -y pyspark py4j; fi
+	$(UV) pip freeze -q --python $(PY) --exclude-editable > build/constraints.txt
+	$(PYTHON) -m venv --without-pip $(DIST_ENV)
+	$(UV) pip install $(UV_DIST) --compile-bytecode -c build/constraints.txt dist/*.whl
+	@if [ "$(DIST_PYSPARK)" != 1 ]; then $(UV) pip uninstall $(UV_DIST) pyspark py4j; fi
 	$(VENV)/bin/venv-pack -q -p $(DIST_ENV) -o dist/env.tar.gz --compress-level $(DIST_COMPRESS_LEVEL) \
 	  $(if $(DIST_PYTHON_PREFIX),--python-prefix $(DIST_PYTHON_PREFIX))
 	chmod 0644 dist/env.tar.gz

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import pyspark
@@ -44,6 +45,11 @@ def dist_archive() -> Path:
                           capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return ROOT / "dist" / "env.tar.gz"
+
+
+def _versions(distributions) -> dict[str, str]:
+    """Normalised project name (PEP 503) -> version."""
+    return {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions}
 
 
 def _spark_env() -> dict[str, str]:
@@ -164,6 +170,13 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     site = unpacked[0] / "lib" / "python3.11" / "site-packages"
     assert (site / "pipelines").is_dir() and (site / "tensorflow").is_dir()
     assert not (site / "pyspark").exists()  # the cluster's own pyspark serves the executors
+    # The executors run the versions this suite passed with (make dist's constraints).
+    packed = _versions(metadata.distributions(path=[str(site)]))
+    ours = _versions(metadata.distributions())
+    assert packed["tensorflow-cpu"] == ours["tensorflow-cpu"]
+    differ = {name: (v, ours.get(name)) for name, v in packed.items()
+              if name != "spark-image-pipelines" and ours.get(name) != v}
+    assert not differ, differ
     executor_log = "".join(p.read_text(errors="replace") for p in
                            standalone_cluster["work"].glob("*/app-*/*/stderr"))
     assert "Traceback" not in executor_log, executor_log[-3000:]
