@@ -33,6 +33,36 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable
 
 
+#: (process, file) -> [first start, last stop], in wall-clock seconds, from the test reports.
+_SPANS: dict[tuple[str, str], list[float]] = {}
+
+
+def pytest_runtest_logreport(report):
+    node = getattr(report, "node", None)  # set by pytest-xdist on the controller's copies
+    process = node.gateway.id if node is not None else "main"
+    span = _SPANS.setdefault((process, report.nodeid.split("::")[0]), [report.start, report.stop])
+    span[0], span[1] = min(span[0], report.start), max(span[1], report.stop)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each process's files in the order it ran them, so the critical path is plain to see
+    (``--durations`` lists tests, not which process waited for which)."""
+    if not _SPANS:
+        return
+    origin = min(start for start, _ in _SPANS.values())
+    terminalreporter.section("files per process (seconds from the first test)")
+    for process in sorted({p for p, _ in _SPANS}):
+        files = sorted((span, name) for (p, name), span in _SPANS.items() if p == process)
+        busy = sum(stop - start for (start, stop), _ in files)
+        terminalreporter.write_line(
+            f"{process}: last file ended at {files[-1][0][1] - origin:.0f} s, "
+            f"{busy:.0f} s inside files")
+        for (start, stop), name in files:
+            if stop - start >= 20:
+                terminalreporter.write_line(
+                    f"  {start - origin:6.0f} {stop - origin:6.0f}  {stop - start:5.0f}  {name}")
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
