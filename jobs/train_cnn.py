@@ -1,8 +1,10 @@
-"""Train a Keras CNN on the driver from image Parquet (architecture from config).
+"""Train a Keras CNN from image Parquet (architecture from config) on the driver, on N executor
+tasks (cnn.num_workers) or as an ensemble of K members trained in parallel (cnn.ensemble).
 
     python jobs/train_cnn.py --config conf/local.yaml
     python jobs/train_cnn.py --config conf/local.yaml --set cnn.architecture=seed
-    spark-submit jobs/train_cnn.py --config conf/cluster.yaml --set cnn.epochs=20
+    python jobs/train_cnn.py --config conf/local.yaml --set cnn.ensemble=4 --set cnn.num_workers=1
+    spark-submit jobs/train_cnn.py --config conf/cluster.yaml --set cnn.num_workers=2
 """
 
 import sys

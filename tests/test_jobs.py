@@ -24,6 +24,15 @@ def test_bad_config_exits_2_before_spark_starts(tmp_path):
     assert "SparkSession ready" not in proc.stderr
 
 
+def test_help_shows_the_jobs_example_commands_one_per_line(tmp_path):
+    proc = _run("train_cnn.py", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "    python jobs/train_cnn.py --config conf/local.yaml" in lines
+    assert "    spark-submit jobs/train_cnn.py --config conf/cluster.yaml --set cnn.num_workers=2" \
+        in lines
+
+
 @pytest.mark.slow
 def test_ingest_job_succeeds_as_a_subprocess_and_reruns_cleanly(tmp_path, tiny_mnist_dir):
     common = ["--config", str(ROOT / "conf/test.yaml"), "--set", f"output_root={tmp_path}/out",

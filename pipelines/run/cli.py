@@ -30,7 +30,9 @@ Stage = Callable[[SparkSession, Config], Any]
 
 
 def job_parser(description: str | None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    # Raw: a job's docstring is its description, and its example commands keep their lines.
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", "-c", default=None,
                         help="YAML config file (default: built-in defaults)")
     parser.add_argument("--set", "-s", dest="overrides", action="append", default=[],
