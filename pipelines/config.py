@@ -266,13 +266,15 @@ class TransferConfig(Section):
 
 
 class CnnConfig(Section):
-    """The train_cnn job: a Keras CNN trained on the driver from image Parquet."""
+    """The train_cnn job: a Keras CNN trained from image Parquet on the driver, on executor tasks
+    (``num_workers``) or as an ensemble of members trained in parallel (``ensemble``)."""
 
     #: Image Parquet folders (ingest output, and augment output when wanted), each with
     #: ``split``, ``label`` and ``image`` (Spark's image struct); rows of every input are used.
     inputs: list[str] = Field(default_factory=lambda: ["{output_root}/images"], min_length=1)
     output: str = "{output_root}/cnn"
-    #: Name of a built-in architecture (``seed``, ``default``) or of one in ``architectures``.
+    #: Name of a built-in architecture (``seed``, ``default``, ``vgg``) or of one in
+    #: ``architectures``.
     architecture: str = "default"
     #: Extra architectures by name (they may also replace a built-in one).
     architectures: dict[str, ArchitectureSpec] = Field(default_factory=dict)
