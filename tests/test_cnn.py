@@ -16,7 +16,7 @@ from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
 from pipelines.io.image_parquet import write_image_parquet
 from pipelines.ml.architectures import resolve_architecture
 from pipelines.ml.datasets import make_dataset, open_split
-from pipelines.ml.models import build_architecture
+from pipelines.ml.models import build_architecture, compile_model
 from pipelines.stages.ingest import mnist_frame
 from pipelines.stages.mnist import MnistArrays
 from pipelines.stages.train_cnn import OUTPUT_FILES, run_train_cnn
@@ -215,6 +215,29 @@ def test_vgg_members_differ_in_their_augmentation_and_dropout_seeds_by_run_seed(
 def test_unknown_architecture_fails_when_the_config_loads():
     with pytest.raises(ConfigError, match="Received: architecture='resnet9000'"):
         load_config(TEST_CONF, ["cnn.architecture=resnet9000"])
+
+
+def test_an_architecture_can_start_from_a_built_in_and_change_some_keys():
+    smoothing = "{class_name: CategoricalCrossentropy, config: {label_smoothing: 0.1}}"
+    cfg = load_config(TEST_CONF, ["cnn.architecture=default_ls",
+                                  f"cnn.architectures.default_ls={{base: default, loss: {smoothing}}}"]).cnn
+    spec = resolve_architecture(cfg.architecture, cfg.architectures)
+    default = resolve_architecture("default")
+    assert spec.model_dump(exclude={"loss", "description"}) == default.model_dump(
+        exclude={"loss", "description"})
+    assert spec.description == "the built-in 'default', loss changed"
+    model = build_architecture(spec, 10)
+    compile_model(model, spec, steps_per_epoch=4, epochs=1)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+    # A CE over ten classes smoothed by 0.1 cannot fall to zero, even for a perfect prediction.
+    labels = np.eye(10, dtype=np.float32)[:2]
+    assert float(model.loss(labels, labels)) > 0.1
+
+
+def test_an_unknown_base_architecture_is_named():
+    with pytest.raises(ConfigError, match=r"one of \['default', 'seed', 'vgg'\]. "
+                                          r"Received: base='resnet'"):
+        load_config(TEST_CONF, ["cnn.architectures.mine={base: resnet, epochs: 3}"])
 
 
 def test_unknown_layer_in_an_architecture_is_named(tmp_path):

@@ -15,7 +15,7 @@ from importlib import resources
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TOP1 = "top1"
 
@@ -56,6 +56,10 @@ class ArchitectureSpec(BaseModel):
     Keras' own serialized form ``{class_name: ..., config: {...}}``; the model is
     ``Sequential([Input(input_shape), *layers])``. Random* preprocessing layers in the list give
     on-the-fly augmentation (active in training only, saved with the model).
+
+    ``base: <built-in name>`` starts from that built-in spec: the keys given replace its keys
+    whole (a ``layers`` list replaces the built-in's list), the rest are the built-in's. The
+    spec that results holds every key, so a saved spec does not depend on the built-ins.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -83,6 +87,23 @@ class ArchitectureSpec(BaseModel):
     shift_pixels: int = Field(default=0, ge=0)
     batch_size: int = Field(default=128, ge=1)
     epochs: int = Field(default=10, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _start_from_base(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping) or "base" not in data:
+            return data
+        changes = {k: v for k, v in data.items() if k != "base"}
+        docs = _builtin_docs()
+        if data["base"] not in docs:
+            raise ValueError(
+                f"base must name a built-in architecture, one of {sorted(docs)}. "
+                f"Received: base={data['base']!r}"
+            )
+        description = f"the built-in {data['base']!r}"
+        if changes:
+            description += f", {', '.join(sorted(changes))} changed"
+        return {**docs[data["base"]], "description": description, **changes}
 
     @field_validator("layers")
     @classmethod
