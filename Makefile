@@ -70,7 +70,8 @@ DIST_OPTIONS := pyspark=$(DIST_PYSPARK) prefix=$(DIST_PYTHON_PREFIX) python=$(PY
 # uv installs the archive's packages at the test environment's versions (its freeze is the
 # constraints file), so executors run what `make test` passed with; it installs from its cache
 # and compiles in parallel (~55 s here where pip took ~130 s). uv reads its own index settings
-# (UV_DEFAULT_INDEX, UV_INDEX, uv.toml), not pip.conf.
+# (UV_DEFAULT_INDEX, UV_INDEX, uv.toml), not pip.conf. dist/constraints.txt is the same list
+# without pyspark and py4j, for docker/Dockerfile, which pins pyspark to its image's Spark.
 UV := $(VENV)/bin/uv
 UV_DIST := --quiet --python $(DIST_ENV)/bin/python
 DIST_SOURCES := pyproject.toml $(shell find pipelines -type f -not -path '*/__pycache__/*')
@@ -86,6 +87,7 @@ dist/env.tar.gz: $(STAMP) $(DIST_SOURCES) build/dist-options
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dist]'
 	$(PY) -m build --wheel --outdir dist .
 	$(UV) pip freeze -q --python $(PY) --exclude-editable > build/constraints.txt
+	grep -Ev '^(pyspark|py4j)==' build/constraints.txt > dist/constraints.txt
 	$(PYTHON) -m venv --without-pip $(DIST_ENV)
 	$(UV) pip install $(UV_DIST) --compile-bytecode -c build/constraints.txt dist/*.whl
 	@if [ "$(DIST_PYSPARK)" != 1 ]; then $(UV) pip uninstall $(UV_DIST) pyspark py4j; fi

@@ -47,9 +47,14 @@ def dist_archive() -> Path:
     return ROOT / "dist" / "env.tar.gz"
 
 
+def _name(project: str) -> str:
+    """The project name normalised as PEP 503 does."""
+    return re.sub(r"[-_.]+", "-", project).lower()
+
+
 def _versions(distributions) -> dict[str, str]:
-    """Normalised project name (PEP 503) -> version."""
-    return {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower(): d.version for d in distributions}
+    """Normalised project name -> version."""
+    return {_name(d.metadata["Name"]): d.version for d in distributions}
 
 
 def _spark_env() -> dict[str, str]:
@@ -177,6 +182,12 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     differ = {name: (v, ours.get(name)) for name, v in packed.items()
               if name != "spark-image-pipelines" and ours.get(name) != v}
     assert not differ, differ
+    # docker/Dockerfile's constraints: the same versions, pyspark left to the image's Spark.
+    docker = {_name(name): version for name, version in
+              (line.split("==") for line in (ROOT / "dist" / "constraints.txt").read_text().split())}
+    assert "pyspark" not in docker and "py4j" not in docker, sorted(docker)
+    assert {n: docker.get(n) for n in packed if n != "spark-image-pipelines"} == {
+        n: v for n, v in packed.items() if n != "spark-image-pipelines"}
     executor_log = "".join(p.read_text(errors="replace") for p in
                            standalone_cluster["work"].glob("*/app-*/*/stderr"))
     assert "Traceback" not in executor_log, executor_log[-3000:]
