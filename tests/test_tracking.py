@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -251,6 +252,26 @@ def test_progress_text_and_duration():
     assert progress_text(1000, 1200, 10.0, "batches") == (
         "1,000/1,200 batches (83 %), 100 batches/s, ETA 2 s")
     assert [duration(s) for s in (4.4, 65, 3725)] == ["4 s", "1 min 05 s", "1 h 02 min"]
+    # 2 of 6 done at 600 s, 300 s since: 4 more at that rate is 1,200 s, 300 of them gone.
+    assert progress_text(2, 6, 600.0, "tasks", since_done=300.0).endswith("ETA 15 min 00 s")
+    # Waited longer than that estimate: the rate over the whole time instead.
+    assert progress_text(2, 6, 600.0, "tasks", since_done=1500.0).endswith("ETA 1 h 10 min")
+    assert progress_text(0, 6, 0.0, "tasks", since_done=20.0) == (
+        "0/6 tasks (0 %), 20 s so far, ETA unknown until one is done")
+
+
+def test_spark_stage_eta_counts_down_while_long_tasks_run(caplog):
+    """Six tasks, two at a time, ten minutes each (an ensemble's members): the ETA after the
+    first two falls as the next two run, where a rate over the whole time made it grow."""
+    stage = SimpleNamespace(numTasks=6, numCompletedTasks=0, numActiveTasks=2, numFailedTasks=0)
+    tracker = SimpleNamespace(getActiveStageIds=lambda: [7], getStageInfo=lambda _: stage)
+    spark = SimpleNamespace(sparkContext=SimpleNamespace(statusTracker=lambda: tracker))
+    progress = SparkProgress(spark, every_seconds=60.0)
+    progress.poll(0.0)
+    stage.numCompletedTasks = 2
+    progress.poll(600.0)
+    etas = [progress.poll(t)[0].split("ETA ")[1].split(",")[0] for t in (660.0, 900.0, 1140.0)]
+    assert etas == ["19 min 00 s", "15 min 00 s", "11 min 00 s"]
 
 
 def test_epoch_progress_counts_rates_from_the_end_of_the_first_batch(monkeypatch, caplog):

@@ -4,7 +4,8 @@
 log) and is off here. Instead :class:`SparkProgress`, a daemon thread, polls
 ``SparkContext.statusTracker()`` for the active Spark stages and, at most every
 ``pipeline.progress_seconds``, logs one line per stage that is still running: tasks done/total,
-tasks/s since the stage was first seen, and the ETA at that rate. Short stages (finished between
+tasks/s from when the stage was first seen to its last finished task, and the ETA at that rate
+counted from that task (so it counts down while long tasks run). Short stages (finished between
 two lines) log nothing. :func:`label` names the pipeline stage the lines belong to.
 
     with SparkProgress(spark, every_seconds=15):
@@ -92,15 +93,19 @@ class SparkProgress:
             if info is None:
                 continue
             active.add(stage_id)
-            seen = self._seen.setdefault(stage_id, {"first": now, "line": now})
+            seen = self._seen.setdefault(stage_id, {"first": now, "line": now, "done": 0,
+                                                    "done_at": now})
+            if info.numCompletedTasks != seen["done"]:
+                seen["done"], seen["done_at"] = info.numCompletedTasks, now
             if now - seen["line"] < self.every_seconds:
                 continue
             seen["line"] = now
             running = f", {info.numActiveTasks} running" if info.numActiveTasks else ""
             failed = f", {info.numFailedTasks} failed" if info.numFailedTasks else ""
             prefix = f"{_current_label[-1]}: " if _current_label else ""
-            done = progress_text(info.numCompletedTasks, info.numTasks, now - seen["first"],
-                                 "tasks")
+            done = progress_text(info.numCompletedTasks, info.numTasks,
+                                 seen["done_at"] - seen["first"], "tasks",
+                                 since_done=now - seen["done_at"])
             # info.name is the call site ("parquet at NativeMethodAccessorImpl.java:0"), which
             # says nothing to a reader of a PySpark job's log.
             lines.append(f"{prefix}Spark stage {stage_id}: {done}{running}{failed}")
