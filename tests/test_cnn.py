@@ -212,6 +212,24 @@ def test_vgg_members_differ_in_their_augmentation_and_dropout_seeds_by_run_seed(
     assert random_states(1) != first  # so ensemble members (seeds 0, 1, ...) differ
 
 
+def test_a_job_output_folder_given_for_its_parquet_is_named_with_the_right_path(
+    image_parquet, tmp_path
+):
+    import shutil
+
+    out = tmp_path / "augmented"  # as the augment job writes it
+    shutil.copytree(image_parquet, out / "parquet")
+    (out / "report.json").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"'.*/augmented/report.json' is not a Parquet file; "
+                                         r"its image Parquet is in '.*/augmented/parquet'"):
+        open_split([str(out)], "train", (28, 28, 1))
+    # Parquet files need no suffix: one renamed is read like the others.
+    part = next((out / "parquet").rglob("*.parquet"))
+    part.rename(part.with_suffix(""))
+    split = open_split([str(out / "parquet")], "train", (28, 28, 1))
+    assert split.count() == open_split([image_parquet], "train", (28, 28, 1)).count() == 120
+
+
 def test_unknown_architecture_fails_when_the_config_loads():
     with pytest.raises(ConfigError, match="Received: architecture='resnet9000'"):
         load_config(TEST_CONF, ["cnn.architecture=resnet9000"])

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from pipelines.imaging.image_struct import to_rgb
 from pipelines.imaging.resize import RESIZE_METHODS, fit_channels, fit_images
@@ -54,7 +55,8 @@ def open_parquet(path: str) -> ds.Dataset:
 
     Raises:
         FileNotFoundError: nothing readable at ``path``.
-        ValueError: the data has no ``split``, ``label`` or ``image`` field.
+        ValueError: a file under ``path`` is not Parquet, or the data has no ``split``,
+            ``label`` or ``image`` field.
     """
     try:
         if "://" in path:
@@ -64,6 +66,7 @@ def open_parquet(path: str) -> ds.Dataset:
         dataset = ds.dataset(root, filesystem=fs, format="parquet", partitioning="hive")
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
         raise FileNotFoundError(f"cannot read image Parquet at {path!r}: {exc}") from None
+    _check_other_files(dataset, fs, root, path)
     names = dataset.schema.names
     missing = [n for n in ("split", "label", "image") if n not in names]
     if missing:
@@ -72,6 +75,25 @@ def open_parquet(path: str) -> ds.Dataset:
             f"Received columns: {names}"
         )
     return dataset
+
+
+def _check_other_files(dataset: ds.Dataset, fs: pafs.FileSystem, root: str, path: str) -> None:
+    """Fail now, naming the file, when a file without the ``.parquet`` suffix is not Parquet:
+    Arrow would only fail at the first read, with its own message. The usual cause is a job's
+    output folder given for its Parquet (augment writes ``report.json`` and ``sheet.png``
+    beside ``parquet/``)."""
+    for file in (f for f in dataset.files if not f.endswith(".parquet")):
+        try:
+            with fs.open_input_file(file) as handle:
+                pq.read_metadata(handle)
+        except (OSError, pa.ArrowInvalid):
+            hint = ""
+            inner = f"{root.rstrip('/')}/parquet"
+            if fs.get_file_info(inner).type == pafs.FileType.Directory:
+                hint = f"; its image Parquet is in {path.rstrip('/') + '/parquet'!r}"
+            raise ValueError(
+                f"{path!r} is not a folder of image Parquet only: {file!r} is not a Parquet "
+                f"file{hint}") from None
 
 
 @dataclass(frozen=True)
