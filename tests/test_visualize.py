@@ -66,3 +66,17 @@ def test_one_hot_captions_render(spark, ingested, tmp_path):
     # The same images, with a second caption line: the one-hot sheet is taller.
     assert sheets[True].shape[0] > sheets[False].shape[0]
     assert _caption(3, config.visualize, 10) == "3\n0001000000"
+
+
+def test_cells_widen_for_long_captions_so_neighbours_do_not_overlap():
+    from pipelines.imaging.contact_sheet import render_sheet
+
+    images = [np.full((28, 28), 128, np.uint8)] * 10
+
+    def size(caption):
+        return Image.open(io.BytesIO(render_sheet(images, [caption] * 10, columns=10))).size
+
+    short, long = size("#0\nshift"), size("#0\nrandom_distortion")  # augment's captions
+    # "random_distortion" is ~1.3 in wide at 9 pt, more than the default 1.1 in cell.
+    assert long[0] > 1.15 * short[0]
+    assert long[1] > short[1]  # the cells grow in height too: the images stay square

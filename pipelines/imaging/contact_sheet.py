@@ -51,8 +51,12 @@ def render_sheet(
     # Room at the left for the longest row label (~0.6 em per character at 10 pt); the saved
     # figure is also cropped to what was drawn, so no label is ever cut.
     label_inches = 0.6 * _LABEL_PT / 72 * max((len(s) for s in row_labels or []), default=0)
-    fig_w = columns * cell_inches + (label_inches + 0.3 if row_labels else 0)
-    fig_h = rows * (cell_inches + 0.22 * caption_lines) + (0.5 if title else 0.1)
+    # Cells as wide as the longest caption line, so neighbouring captions never overlap
+    # (and as high: the images stay square).
+    longest = max((len(line) for c in captions or [] for line in c.split("\n")), default=0)
+    cell_w = max(cell_inches, 0.6 * _CAPTION_PT / 72 * longest + 0.15)
+    fig_w = columns * cell_w + (label_inches + 0.3 if row_labels else 0)
+    fig_h = rows * (cell_w + 0.22 * caption_lines) + (0.5 if title else 0.1)  # square images
     fig, axes = plt.subplots(rows, columns, figsize=(fig_w, fig_h), squeeze=False)
     try:
         for idx, ax in enumerate(axes.flat):
