@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pyspark
 import pytest
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 SPARK_HOME = Path(pyspark.__file__).resolve().parent
@@ -47,14 +48,11 @@ def dist_archive() -> Path:
     return ROOT / "dist" / "env.tar.gz"
 
 
-def _name(project: str) -> str:
-    """The project name normalised as PEP 503 does."""
-    return re.sub(r"[-_.]+", "-", project).lower()
-
-
 def _versions(distributions) -> dict[str, str]:
-    """Normalised project name -> version."""
-    return {_name(d.metadata["Name"]): d.version for d in distributions}
+    """Normalised project name (PEP 503) -> version, this project left out."""
+    versions = {canonicalize_name(d.metadata["Name"]): d.version for d in distributions}
+    versions.pop("spark-image-pipelines", None)
+    return versions
 
 
 def _spark_env() -> dict[str, str]:
@@ -179,15 +177,13 @@ def test_spark_submit_with_the_packed_env_on_a_standalone_cluster(
     packed = _versions(metadata.distributions(path=[str(site)]))
     ours = _versions(metadata.distributions())
     assert packed["tensorflow-cpu"] == ours["tensorflow-cpu"]
-    differ = {name: (v, ours.get(name)) for name, v in packed.items()
-              if name != "spark-image-pipelines" and ours.get(name) != v}
+    differ = {name: (v, ours.get(name)) for name, v in packed.items() if ours.get(name) != v}
     assert not differ, differ
     # docker/Dockerfile's constraints: the same versions, pyspark left to the image's Spark.
-    docker = {_name(name): version for name, version in
+    docker = {canonicalize_name(name): version for name, version in
               (line.split("==") for line in (ROOT / "dist" / "constraints.txt").read_text().split())}
     assert "pyspark" not in docker and "py4j" not in docker, sorted(docker)
-    assert {n: docker.get(n) for n in packed if n != "spark-image-pipelines"} == {
-        n: v for n, v in packed.items() if n != "spark-image-pipelines"}
+    assert {n: docker.get(n) for n in packed} == packed
     executor_log = "".join(p.read_text(errors="replace") for p in
                            standalone_cluster["work"].glob("*/app-*/*/stderr"))
     assert "Traceback" not in executor_log, executor_log[-3000:]

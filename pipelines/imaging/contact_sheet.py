@@ -14,6 +14,11 @@ _CAPTION_PT = 9
 _LABEL_PT = 10
 
 
+def _text_inches(chars: int, points: float) -> float:
+    """Width of ``chars`` characters of ``points``-point text, at ~0.6 em per character."""
+    return 0.6 * points / 72 * chars
+
+
 def render_sheet(
     images: Sequence[np.ndarray],
     captions: Sequence[str] | None = None,
@@ -48,13 +53,13 @@ def render_sheet(
     n = max(len(images), 1)
     rows = math.ceil(n / columns)
     caption_lines = max((c.count("\n") + 1 for c in captions or [""]), default=1)
-    # Room at the left for the longest row label (~0.6 em per character at 10 pt); the saved
-    # figure is also cropped to what was drawn, so no label is ever cut.
-    label_inches = 0.6 * _LABEL_PT / 72 * max((len(s) for s in row_labels or []), default=0)
+    # Room at the left for the longest row label; the saved figure is also cropped to what
+    # was drawn, so no label is ever cut.
+    label_inches = _text_inches(max((len(s) for s in row_labels or []), default=0), _LABEL_PT)
     # Cells as wide as the longest caption line, so neighbouring captions never overlap
     # (and as high: the images stay square).
     longest = max((len(line) for c in captions or [] for line in c.split("\n")), default=0)
-    cell_w = max(cell_inches, 0.6 * _CAPTION_PT / 72 * longest + 0.15)
+    cell_w = max(cell_inches, _text_inches(longest, _CAPTION_PT) + 0.15)
     fig_w = columns * cell_w + (label_inches + 0.3 if row_labels else 0)
     fig_h = rows * (cell_w + 0.22 * caption_lines) + (0.5 if title else 0.1)  # square images
     fig, axes = plt.subplots(rows, columns, figsize=(fig_w, fig_h), squeeze=False)
