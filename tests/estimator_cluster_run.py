@@ -10,6 +10,7 @@ in OUT.json: fit results, digests, accuracies, task times, errors and how long t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -106,10 +107,22 @@ def main(out_path: str) -> None:
                 "modelDir": str(models), "timeoutSeconds": 60.0}
         return KerasImageEstimator(**{**base, **params})
 
+    epoch_lines: list[str] = []  # what the driver logged from the tasks' epoch reports
+
+    class Lines(logging.Handler):
+        def emit(self, log_record):
+            epoch_lines.append(log_record.getMessage())
+
+    reports_logger = logging.getLogger("pipelines.ml.epoch_reports")
+    reports_logger.setLevel(logging.INFO)
+    reports_logger.addHandler(Lines())
+
     def scenario(name, fn):
         started = time.time()
+        epoch_lines.clear()
         try:
             record[name] = fn()
+            record[name]["epoch_lines"] = list(epoch_lines)
         except Exception as exc:
             record[name] = {"error": f"{type(exc).__name__}: {exc}",
                             "traceback": traceback.format_exc()[-4000:]}

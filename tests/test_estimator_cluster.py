@@ -70,6 +70,19 @@ def test_the_chief_writes_tensorboard_scalars_as_each_epoch_ends(record):
     assert set(board["train"]) <= set(driver["train"])
 
 
+def test_the_driver_logs_each_epoch_of_executor_training_as_it_ends(record):
+    two, members = _ok(record["two_workers"]), _ok(record["resumed_member"])
+    # The chief's lines only, one per epoch, with its metrics.
+    assert [line.split(" in ")[0] for line in two["epoch_lines"]] == [
+        "the 2-worker model: epoch 1/2", "the 2-worker model: epoch 2/2"]
+    assert "val_top1=" in two["epoch_lines"][-1]
+    assert "; fit: 1/2 epochs (50 %), " in two["epoch_lines"][0]
+    # Two members of three epochs each; the killed member's retry resumes from its checkpoint.
+    started = {line.split(" in ")[0] for line in members["epoch_lines"]}
+    assert started == {f"model {m} of 2: epoch {e}/3" for m in (0, 1) for e in (1, 2, 3)}
+    assert "; fit: 6/6 epochs (100 %)" in members["epoch_lines"][-1]
+
+
 def test_fitted_model_saves_loads_and_scores_the_same(record):
     two = _ok(record["two_workers"])
     assert Path(two["model_path"]).is_file()

@@ -46,6 +46,11 @@ the same number of workers and the same training rows (counted per label), resum
 last finished epoch; the data order after a resume is a new shuffle, not the interrupted one.
 A fit that finishes removes its checkpoint.
 
+Epoch lines: while the Spark job runs, the driver listens for each epoch's end
+(:class:`pipelines.ml.epoch_reports.EpochReports`): an independent task's Keras callback and the
+multi-worker chief send the epoch's metrics and seconds, and the driver logs them with the
+model's ETA, so a fit of hours does not show only "0/6 tasks" until its first task ends.
+
 TensorBoard (``tensorboard_dir``, a folder the executors write): the multi-worker chief writes
 each epoch's scalars as the epoch ends (:class:`pipelines.ml.training.EpochScalars`); an
 independent task's Keras ``TensorBoard`` callback writes its own run.
@@ -86,6 +91,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.ml.epoch_reports import EpochReports, epoch_sender, send_epoch
 from pipelines.ml.training import TrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -167,7 +173,8 @@ def fit_multi_worker(
             folder = _checkpoint_folder(checkpoint_dir, f"workers{len(peers)}", plan_json,
                                         [(p["rows"], p["labels"]) for p in peers])
             job = _job(plan_json, "multi", rank, len(peers), context.cpus(), timeout_s, kill,
-                       start, val_npz, work, folder, tensorboard_dir if rank == 0 else None)
+                       start, val_npz, work, folder, tensorboard_dir if rank == 0 else None,
+                       reports if rank == 0 else None)
             job["steps_per_epoch"] = max(1, math.ceil(sum(rows) / plan.batch_size))
             hosts = [p["address"].rsplit(":", 1)[0] for p in peers]
             job["cores"] = worker_cores(bind, rank, hosts, job["threads"], _allowed_cpus())
@@ -183,8 +190,11 @@ def fit_multi_worker(
     try:
         # The shuffle after the barrier stage makes it a map stage, which Spark retries whole
         # when a task fails (a failed barrier result stage is aborted instead).
-        rows = (frame.repartition(num_workers).mapInArrow(task, _RESULT_SCHEMA, barrier=True)
-                .repartition(1).collect())
+        with EpochReports(spark, [f"the {num_workers}-worker model"],
+                          [plan.epochs]) as listener:
+            reports = listener.address  # read by ``task`` when mapInArrow pickles it
+            rows = (frame.repartition(num_workers)
+                    .mapInArrow(task, _RESULT_SCHEMA, barrier=True).repartition(1).collect())
     except Exception as exc:  # Py4J / PythonException: keep the worker's own message first
         raise TrainingWorkerError(
             f"multi-worker training with numWorkers={num_workers} failed: "
@@ -239,9 +249,9 @@ def fit_independent(
                 folder = _checkpoint_folder(checkpoint_dir, f"model{index}", plan_json,
                                             [(len(labels), _label_counts(labels))])
                 job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
-                           val_npz, work, folder, board)
+                           val_npz, work, folder, board, reports)
                 (work / "job.json").write_text(json.dumps(job))
-                out = _run_child(work, {}, f"training task for model {index}")
+                out = _run_child(work, {}, f"training task for model {index} of {count}")
             finally:
                 _remove(work)
             yield pa.RecordBatch.from_pylist([out], schema=_arrow_schema())
@@ -255,7 +265,10 @@ def fit_independent(
     copies = (plan_ids.crossJoin(numbered).repartitionByRange(count, _PLAN_COLUMN)
               .sortWithinPartitions(_PLAN_COLUMN, _ROW_COLUMN))
     try:
-        rows = copies.mapInArrow(task, _RESULT_SCHEMA).collect()
+        with EpochReports(spark, [f"model {i} of {count}" for i in range(count)],
+                          [p.epochs for p in plans]) as listener:
+            reports = listener.address  # read by ``task`` when mapInArrow pickles it
+            rows = copies.mapInArrow(task, _RESULT_SCHEMA).collect()
     except Exception as exc:
         raise TrainingWorkerError(
             f"training {count} models as Spark tasks failed: {_cause(exc)}") from exc
@@ -339,7 +352,8 @@ def _checkpoint_folder(checkpoint_dir: str | None, name: str, plan_json: str,
 
 def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_s: float,
          kill: str | None, start: bytes | None, val_npz: bytes | None, work: Path,
-         checkpoint: Path | None, tensorboard: str | None) -> dict[str, Any]:
+         checkpoint: Path | None, tensorboard: str | None,
+         reports: dict[str, Any] | None) -> dict[str, Any]:
     plan = json.loads(plan_json)
     if start is not None:
         (work / "start.keras").write_bytes(start)
@@ -351,7 +365,7 @@ def _job(plan_json: str, mode: str, rank: int, workers: int, cpus: int, timeout_
         "threads": max(1, int(cpus)), "timeout_s": timeout_s, "cores": None,
         **_kill_plan(kill, rank, checkpoint),
         "checkpoint": str(checkpoint) if checkpoint else None,
-        "tensorboard": tensorboard,
+        "tensorboard": tensorboard, "reports": reports,
         "train": str(work / "train.npz"),
         "validation": str(work / "validation.npz") if val_npz is not None else None,
         "started": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
@@ -513,7 +527,7 @@ def _train_single(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     from pipelines.ml.models import steps
     from pipelines.ml.training import prepare_work_dir, train_model
 
-    callbacks = []
+    callbacks = [epoch_sender(job["reports"], job["rank"])]
     if job["kill_step"]:
         callbacks.append(_kill_callback(job))
     train_ds = array_dataset(*train, plan.batch_size, plan.num_classes, plan.seed,
@@ -696,6 +710,8 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
             waited += 1
         logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
                     {k: round(v[-1], 4) for k, v in history.items()}, epoch_seconds[-1])
+        send_epoch(job["reports"], 0, epoch + 1, epoch_seconds[-1],
+                   {k: v[-1] for k, v in history.items()})
         if scalars:
             scalars.write(epoch, {k: v[-1] for k, v in history.items()})
         if folder and rank == 0:
