@@ -67,6 +67,7 @@ def test_lines_without_the_token_or_malformed_are_dropped(spark):
         good = {"token": reports.address["token"], "model": 0, "epoch": 1, "seconds": 1.0}
         for line in (b"not json", json.dumps({**good, "token": "guess"}).encode(),
                      json.dumps({**good, "model": 5}).encode(),  # no such model
+                     json.dumps({**good, "model": -1}).encode(),
                      json.dumps({k: v for k, v in good.items() if k != "epoch"}).encode()):
             assert reports.receive(line) is None
         assert reports.receive(json.dumps(good).encode()).startswith("model 0 of 1: epoch 1/3")

@@ -111,6 +111,8 @@ class EpochReports:
                 return None
             model, epoch, seconds = int(report["model"]), int(report["epoch"]), \
                 float(report["seconds"])
+            if not 0 <= model < len(self.names):
+                raise IndexError(model)
             name, epochs = self.names[model], self.epochs[model]
             metrics = {str(k): float(v) for k, v in report.get("metrics", {}).items()}
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
