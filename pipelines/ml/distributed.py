@@ -49,7 +49,8 @@ A fit that finishes removes its checkpoint.
 Epoch lines: while the Spark job runs, the driver listens for each epoch's end
 (:class:`pipelines.ml.epoch_reports.EpochReports`): an independent task's Keras callback and the
 multi-worker chief send the epoch's metrics and seconds, and the driver logs them with the
-model's ETA, so a fit of hours does not show only "0/6 tasks" until its first task ends.
+fit's epochs done and ETA, so a fit of hours does not show only "0/6 tasks" until its first
+task ends.
 
 TensorBoard (``tensorboard_dir``, a folder the executors write): the multi-worker chief writes
 each epoch's scalars as the epoch ends (:class:`pipelines.ml.training.EpochScalars`); an
@@ -708,12 +709,12 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
             best_value, best_weights, best_epoch, waited = value, weights, epoch + 1, 0
         else:
             waited += 1
+        last = {k: v[-1] for k, v in history.items()}
         logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
-                    {k: round(v[-1], 4) for k, v in history.items()}, epoch_seconds[-1])
-        send_epoch(job["reports"], 0, epoch + 1, epoch_seconds[-1],
-                   {k: v[-1] for k, v in history.items()})
+                    {k: round(v, 4) for k, v in last.items()}, epoch_seconds[-1])
+        send_epoch(job["reports"], 0, epoch + 1, epoch_seconds[-1], last)
         if scalars:
-            scalars.write(epoch, {k: v[-1] for k, v in history.items()})
+            scalars.write(epoch, last)
         if folder and rank == 0:
             _save_checkpoint(folder, weights, [v.numpy() for v in optimizer.variables],
                              best_weights, {

@@ -79,16 +79,12 @@ class EpochReports:
                     reports.receive(raw)
 
         try:
-            server = socketserver.ThreadingTCPServer((self._bind, 0), Handler,
-                                                     bind_and_activate=False)
-            server.daemon_threads = True
-            server.allow_reuse_address = True
-            server.server_bind()
-            server.server_activate()
+            server = socketserver.ThreadingTCPServer((self._bind, 0), Handler)
         except OSError as exc:
             logger.info("no epoch lines from the executors: cannot listen on %s: %s",
                         self._bind, exc)
             return self
+        server.daemon_threads = True  # a sender that hangs does not hold up the fit's end
         self._server = server
         threading.Thread(target=server.serve_forever, name="epoch-reports",
                          daemon=True).start()
