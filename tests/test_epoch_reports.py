@@ -11,6 +11,7 @@ import logging
 import socket
 import time
 
+from pipelines.ml import distributed, training
 from pipelines.ml.epoch_reports import EpochReports, send_epoch
 
 
@@ -82,3 +83,26 @@ def test_a_driver_that_cannot_be_reached_leaves_training_alone(caplog):
     assert send_epoch(address, 0, 3, 1.0, {"loss": 0.1}) is False
     assert f"epoch 3 not reported to the driver at 127.0.0.1:{port}" in caplog.text
     assert send_epoch(None, 0, 1, 1.0, {}) is False  # no listener (Spark Connect): no attempt
+
+
+def _child_line(logger: logging.Logger, message: str) -> bytes:
+    """A line as a training process logs it (its own format)."""
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 1, message, (), None)
+    return (logging.Formatter(distributed._CHILD_LOG_FORMAT).format(record) + "\n").encode()
+
+
+def test_in_local_mode_each_epoch_reaches_the_console_once_through_the_driver(spark):
+    with EpochReports(spark, ["model 0 of 1"], [3]) as reports:
+        address = reports.address
+    assert spark.conf.get("spark.master").startswith("local[")
+    assert address["console"] is True  # tasks write to this process's console
+    epoch = _child_line(training.epoch_logger, "epoch 3: loss=0.1000")
+    chief = _child_line(training.epoch_logger, "worker 0 epoch 3: {'loss': 0.1} (2.0s)")
+    other = _child_line(distributed.logger, "worker 0 of 2: 2 threads")
+    chatter = b"2026-12-07 20:01:02.000 I tensorflow/core/util/port.cc:153] oneDNN on\n"
+    assert [distributed._relayed(line, address) for line in (epoch, chief, other, chatter)] == [
+        False, False, True, False]
+    # Executors elsewhere (a cluster, local-cluster) or no listener: the task's log keeps them.
+    for elsewhere in ({**address, "console": False}, None):
+        assert [distributed._relayed(line, elsewhere) for line in (epoch, chief, other)] == [
+            True, True, True]

@@ -93,7 +93,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.ml.epoch_reports import EpochReports, epoch_sender, send_epoch
-from pipelines.ml.training import TrainingPlan
+from pipelines.ml.training import TrainingPlan, epoch_logger
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def fit_multi_worker(
             tf_config = {"cluster": {"worker": [p["address"] for p in peers]},
                          "task": {"type": "worker", "index": rank}}
             out = _run_child(work, {"TF_CONFIG": json.dumps(tf_config)},
-                             f"training worker {rank} of {len(peers)}")
+                             f"training worker {rank} of {len(peers)}", reports)
         finally:
             _remove(work)
         yield pa.RecordBatch.from_pylist([out], schema=_arrow_schema())
@@ -252,7 +252,8 @@ def fit_independent(
                 job = _job(plan_json, "single", index, 1, cpus, timeout_s, kill, start,
                            val_npz, work, folder, board, reports)
                 (work / "job.json").write_text(json.dumps(job))
-                out = _run_child(work, {}, f"training task for model {index} of {count}")
+                out = _run_child(work, {}, f"training task for model {index} of {count}",
+                                 reports)
             finally:
                 _remove(work)
             yield pa.RecordBatch.from_pylist([out], schema=_arrow_schema())
@@ -447,8 +448,12 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass
 
 
-def _run_child(work: Path, env: dict[str, str], label: str) -> dict[str, Any]:
-    """Run the training process for ``work``; its result, or a :class:`TrainingWorkerError`."""
+def _run_child(work: Path, env: dict[str, str], label: str,
+               reports: dict[str, Any] | None) -> dict[str, Any]:
+    """Run the training process for ``work``; its result, or a :class:`TrainingWorkerError`.
+
+    ``reports``: the fit's :attr:`EpochReports.address` (None: no listener).
+    """
     environment = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     environment.update(env)
     environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -459,9 +464,7 @@ def _run_child(work: Path, env: dict[str, str], label: str) -> dict[str, Any]:
                                 preexec_fn=_die_with_parent)
         for line in proc.stdout:  # until the child exits (or dies)
             sink.write(line)
-            # Our own log lines (epochs, progress) also go to the task's stderr, the executor
-            # log (the console in local mode); TensorFlow's chatter stays in the file.
-            if b" pipelines." in line:
+            if _relayed(line, reports):
                 sys.stderr.write(f"[{label}] {line.decode(errors='replace')}")
                 sys.stderr.flush()
         code = proc.wait()
@@ -474,6 +477,23 @@ def _run_child(work: Path, env: dict[str, str], label: str) -> dict[str, Any]:
     return {"rank": json.loads((work / "result.json").read_text())["rank"],
             "result": (work / "result.json").read_text(),
             "model": model.read_bytes() if model.exists() else None}
+
+
+#: The training process's log lines, as :func:`_relayed` reads them.
+_CHILD_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _relayed(line: bytes, reports: dict[str, Any] | None) -> bool:
+    """Whether a training process's log line also goes to the task's stderr.
+
+    Our own lines (epochs, progress) do: the executor log, the console in local mode;
+    TensorFlow's chatter stays in the process's file. Epoch lines do not when the driver logs
+    them on that same console (local mode with a listener), so each epoch shows once there.
+    """
+    if b" pipelines." not in line:
+        return False
+    return not (reports and reports.get("console") and f" {epoch_logger.name}: ".encode()
+                in line)
 
 
 def _remove(work: Path) -> None:
@@ -710,7 +730,7 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         else:
             waited += 1
         last = {k: v[-1] for k, v in history.items()}
-        logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
+        epoch_logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
                     {k: round(v, 4) for k, v in last.items()}, epoch_seconds[-1])
         send_epoch(job["reports"], 0, epoch + 1, epoch_seconds[-1], last)
         if scalars:
@@ -791,6 +811,5 @@ def _evaluate(model: Any, loss_fn: Any, data: tuple[np.ndarray, np.ndarray],
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=_CHILD_LOG_FORMAT)
     _worker_main(Path(sys.argv[1]))

@@ -56,16 +56,23 @@ class EpochReports:
         self._started = time.monotonic()
         self._server: socketserver.ThreadingTCPServer | None = None
         self._host = None if _is_connect(spark) else spark.conf.get("spark.driver.host", None)
+        master = "" if self._host is None else spark.conf.get("spark.master", "") or ""
+        # In local mode the tasks' stderr is the driver's console, where this logs each line.
+        self._console = master == "local" or master.startswith("local[")
         if self._host:
             self._bind = spark.conf.get("spark.driver.bindAddress", None) or self._host
 
     @property
     def address(self) -> dict[str, Any] | None:
-        """What a training process needs to send its lines (JSON-able), or None."""
+        """What a training process needs to send its lines (JSON-able), or None.
+
+        ``console`` is True when the tasks write to the driver's console (local mode), where
+        their own epoch lines would show each epoch twice.
+        """
         if self._server is None:
             return None
         return {"host": self._host, "port": self._server.server_address[1],
-                "token": self._token}
+                "token": self._token, "console": self._console}
 
     def __enter__(self) -> EpochReports:
         self._started = time.monotonic()

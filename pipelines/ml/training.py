@@ -30,6 +30,8 @@ from pipelines.ml.architectures import ArchitectureSpec
 from pipelines.ml.models import build_architecture, compile_model
 
 logger = logging.getLogger(__name__)
+#: One line per epoch, on its own logger so a relay (or a user) can tell epoch lines apart.
+epoch_logger = logging.getLogger(f"{__name__}.epochs")
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def epoch_timer() -> Any:
 
 def log_epoch(epoch: int, logs: dict[str, Any] | None) -> None:
     shown = ", ".join(f"{k}={float(v):.4f}" for k, v in sorted((logs or {}).items()))
-    logger.info("epoch %s: %s", epoch + 1, shown)
+    epoch_logger.info("epoch %s: %s", epoch + 1, shown)
 
 
 def prepare_work_dir(work: Path, digest: str, resume: bool) -> int | None:
