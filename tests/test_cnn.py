@@ -14,8 +14,8 @@ from tensorboard_events import scalars
 from pipelines.config import Config, ConfigError, load_config
 from pipelines.faults import ENV_DIR, ENV_POINTS, InjectedFault
 from pipelines.io.image_parquet import write_image_parquet
-from pipelines.ml.architectures import resolve_architecture
-from pipelines.ml.datasets import make_dataset, open_split
+from pipelines.ml.architectures import ElasticDistortion, resolve_architecture
+from pipelines.ml.datasets import elastic_distort, make_dataset, open_split
 from pipelines.ml.models import build_architecture, compile_model
 from pipelines.stages.ingest import mnist_frame
 from pipelines.stages.mnist import MnistArrays
@@ -348,11 +348,54 @@ def test_training_pipeline_shifts_images_fresh_each_epoch_and_keeps_labels(image
     assert not np.array_equal(epochs[0][0][0], epochs[1][0][0])
 
 
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "streamed"])
+def test_elastic_distortion_bends_each_image_fresh_each_epoch_reproducibly(image_parquet,
+                                                                          in_memory):
+    source = open_split([image_parquet], "validation", (28, 28, 1))
+    stored, stored_labels = source.load(rows=64)
+    elastic = ElasticDistortion(alpha=34, sigma=4)
+
+    def epochs(seed):
+        dataset = make_dataset(source, 16, 10, read_rows=64, seed=seed, in_memory=in_memory,
+                               elastic=elastic)
+        return [(np.concatenate([x.numpy() for x, _ in dataset])[..., 0],
+                 np.concatenate([y.numpy() for _, y in dataset]).argmax(axis=1))
+                for _ in range(2)]
+
+    first, second = epochs(seed=5)
+    original = stored[..., 0] / np.float32(255)
+    for images, labels in (first, second):
+        np.testing.assert_array_equal(labels, stored_labels)  # no shuffle: stored order
+        changed = np.abs(images - original).max(axis=(1, 2))
+        assert (changed > 0.2).mean() > 0.9  # (nearly) every image is warped
+        # Bent, not erased or smeared: each image keeps its ink within 30 % (interpolation
+        # smooths these digits' pixel noise, so not exactly).
+        ink = images.sum(axis=(1, 2)) / original.sum(axis=(1, 2))
+        assert 0.7 < ink.min() and ink.max() < 1.3
+    assert not np.array_equal(first[0], second[0])  # a fresh field each epoch
+    np.testing.assert_array_equal(epochs(seed=5)[0][0], first[0])  # reproducible
+
+
+def test_a_vanishing_elastic_field_leaves_images_as_they_are(image_parquet):
+    import tensorflow as tf
+
+    stored, _ = open_split([image_parquet], "validation", (28, 28, 1)).load(rows=64)
+    key = tf.constant([1, 2], tf.int64)
+    still = elastic_distort(tf.constant(stored), key, ElasticDistortion(alpha=1e-6, sigma=4))
+    np.testing.assert_array_equal(still.numpy(), stored)  # no offset, no transposition
+    moved = elastic_distort(tf.constant(stored), key, ElasticDistortion(alpha=34, sigma=4))
+    assert moved.dtype == tf.uint8 and moved.shape == stored.shape
+
+
 def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"cnn\.in_memory_mb.*Received: cnn.in_memory_mb=-1"):
         load_config(TEST_CONF, ["cnn.in_memory_mb=-1"])
     bad = {**TINY, "shift_pixels": -2}
     with pytest.raises(ConfigError, match=r"shift_pixels.*Received"):
+        load_config(TEST_CONF, ["cnn.architecture=bad",
+                                f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
+    bad = {**TINY, "elastic_distortion": {"alpha": 0, "sigma": 4}}
+    with pytest.raises(ConfigError, match=r"elastic_distortion\.alpha.*Received"):
         load_config(TEST_CONF, ["cnn.architecture=bad",
                                 f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
 

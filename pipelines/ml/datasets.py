@@ -9,11 +9,11 @@ to feed epochs:
 
 * in memory (``in_memory=True``, chosen by the job when the splits fit ``cnn.in_memory_mb``):
   the split is read once into one ``uint8`` array, held as a tensor; every epoch is a seeded
-  permutation of it, gathered and shifted by TensorFlow ops (:func:`memory_dataset`);
+  permutation of it, gathered, shifted and distorted by TensorFlow ops (:func:`memory_dataset`);
 * streamed: every epoch re-reads the Parquet; :func:`model_batches` shuffles the rows in a numpy
   buffer of ``shuffle_buffer`` rows and cuts model batches, which cross into ``tf.data`` whole,
-  optionally moved by :func:`random_shift`. Memory is bounded by those settings, never by the
-  size of the data set.
+  optionally moved by :func:`random_shift` (and distorted by :func:`elastic_distort` in
+  ``tf.data``). Memory is bounded by those settings, never by the size of the data set.
 
 Either way batches are converted to float in ``tf.data`` and prefetched there.
 """
@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from pipelines.imaging.image_struct import to_rgb
 from pipelines.imaging.resize import RESIZE_METHODS, fit_channels, fit_images
+from pipelines.ml.architectures import ElasticDistortion
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -316,17 +317,65 @@ def random_shift(images: np.ndarray, max_shift: int, rng: np.random.Generator) -
     return padded[np.arange(n)[:, None, None], rows, cols]
 
 
+def elastic_distort(batch: tf.Tensor, key: tf.Tensor, elastic: ElasticDistortion) -> tf.Tensor:
+    """Each image of a uint8 (n, H, W, C) batch warped by its own smooth random field.
+
+    The field is stateless random noise from ``key`` (a (2,) int64 seed), smoothed and scaled
+    as :class:`~pipelines.ml.architectures.ElasticDistortion` describes; the resampling is
+    bilinear with zeros outside the image, the result rounded back to uint8. TensorFlow ops
+    only: ~13 ms for 128 MNIST images on one core, next to ~50 ms for the default CNN's step.
+    """
+    import tensorflow as tf
+
+    shape = tf.shape(batch)
+    n, h, w = shape[0], shape[1], shape[2]
+    radius = max(1, int(np.ceil(3 * elastic.sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / elastic.sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    noise = tf.random.stateless_uniform(tf.stack([n, h, w, 2]), seed=key, minval=-1.0,
+                                        maxval=1.0)
+    along_h = tf.constant(np.tile(taps[:, None, None, None], (1, 1, 2, 1)))
+    along_w = tf.constant(np.tile(taps[None, :, None, None], (1, 1, 2, 1)))
+    field = tf.nn.depthwise_conv2d(noise, along_h, [1, 1, 1, 1], "SAME")
+    field = tf.nn.depthwise_conv2d(field, along_w, [1, 1, 1, 1], "SAME") * elastic.alpha
+    # Coordinates in a frame padded by one zero pixel; anything further out reads the padding.
+    hf, wf = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
+    ys = tf.clip_by_value(tf.range(hf)[None, :, None] + 1.0 + field[..., 0], 0.0, hf + 1.0)
+    xs = tf.clip_by_value(tf.range(wf)[None, None, :] + 1.0 + field[..., 1], 0.0, wf + 1.0)
+    y0, x0 = tf.minimum(tf.floor(ys), hf), tf.minimum(tf.floor(xs), wf)
+    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    padded = tf.pad(tf.cast(batch, tf.float32), [[0, 0], [1, 1], [1, 1], [0, 0]])
+
+    def at(y, x):
+        return tf.gather_nd(padded, tf.stack([y, x], axis=-1), batch_dims=1)
+
+    top = at(y0, x0) * (1 - wx) + at(y0, x0 + 1) * wx
+    bottom = at(y0 + 1, x0) * (1 - wx) + at(y0 + 1, x0 + 1) * wx
+    warped = top * (1 - wy) + bottom * wy
+    return tf.cast(tf.clip_by_value(tf.round(warped), 0.0, 255.0), tf.uint8)
+
+
+def _batch_keys(seed: int | None) -> tf.data.Dataset:
+    """(2,) int64 stateless-random keys, one per batch, fresh each epoch, from ``seed``."""
+    import tensorflow as tf
+
+    return tf.data.Dataset.random(seed=0 if seed is None else seed,
+                                  rerandomize_each_iteration=True).batch(2)
+
+
 def make_dataset(
     source: ImageSplit, batch_size: int, num_classes: int, read_rows: int,
     shuffle_buffer: int | None = None, seed: int = 0, shift_pixels: int = 0,
-    in_memory: bool = False,
+    in_memory: bool = False, elastic: ElasticDistortion | None = None,
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of (float32 images in [0, 1], one-hot float32 labels) batches.
 
     ``shuffle_buffer`` (training) shuffles the rows each epoch, reproducibly from ``seed``:
     streamed, file order and a buffer of that many rows; ``in_memory``, the whole split (read
     once, here). Without it the order is the stored one. ``shift_pixels`` moves every image by
-    a random offset (see :func:`random_shift`), a fresh one each epoch. The cardinality is set
+    a random offset (see :func:`random_shift`), a fresh one each epoch; ``elastic`` then warps
+    it (:func:`elastic_distort`), fresh each epoch too. The cardinality is set
     from the Parquet row count, so Keras shows progress and learning-rate schedules know the
     steps.
     """
@@ -345,7 +394,7 @@ def make_dataset(
     if in_memory:
         images, labels = source.load(read_rows)
         return array_dataset(images, labels, batch_size, num_classes,
-                             seed if shuffle else None, shift_pixels)
+                             seed if shuffle else None, shift_pixels, elastic)
 
     epochs = iter(range(1 << 62))
 
@@ -368,6 +417,10 @@ def make_dataset(
         ),
     )
 
+    if elastic is not None:
+        dataset = tf.data.Dataset.zip(dataset, _batch_keys(seed)).map(
+            lambda batch, key: (elastic_distort(batch[0], key, elastic), batch[1]),
+            num_parallel_calls=tf.data.AUTOTUNE)
     n_batches = -(-rows // batch_size)
     return (
         dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE)
@@ -378,7 +431,7 @@ def make_dataset(
 
 def array_dataset(
     images: np.ndarray, labels: np.ndarray, batch_size: int, num_classes: int,
-    seed: int | None = None, shift_pixels: int = 0,
+    seed: int | None = None, shift_pixels: int = 0, elastic: ElasticDistortion | None = None,
 ) -> tf.data.Dataset:
     """:func:`memory_dataset` batches as model input: float32 images in [0, 1], one-hot labels."""
     import tensorflow as tf
@@ -387,19 +440,20 @@ def array_dataset(
     def to_model_input(batch, batch_labels):
         return tf.cast(batch, tf.float32) / 255.0, tf.one_hot(batch_labels, num_classes)
 
-    dataset = memory_dataset(images, labels, batch_size, seed, shift_pixels)
+    dataset = memory_dataset(images, labels, batch_size, seed, shift_pixels, elastic)
     return dataset.map(to_model_input, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
 def memory_dataset(
     images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None,
-    shift_pixels: int = 0,
+    shift_pixels: int = 0, elastic: ElasticDistortion | None = None,
 ) -> tf.data.Dataset:
     """(uint8 images, int labels) batches of in-memory arrays, built from TensorFlow ops only.
 
     With ``seed``, every epoch (every new iterator) is a fresh permutation of all rows,
     reproducible from the seed; without it, the stored order. ``shift_pixels`` moves each image
-    by whole pixels as :func:`random_shift` does, fresh offsets every epoch.
+    by whole pixels as :func:`random_shift` does, fresh offsets every epoch; ``elastic`` then
+    warps it (:func:`elastic_distort`), a fresh field every epoch.
 
     No Python runs per batch (no ``Dataset.from_generator``): on the in-memory path, the one
     MNIST takes, the training step has the cores to itself. Epochs fed by the streamed
@@ -413,22 +467,23 @@ def memory_dataset(
     if seed is not None:
         index = index.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
     batches = index.batch(batch_size)
-    if shift_pixels <= 0:
+    if shift_pixels <= 0 and elastic is None:
         return batches.map(lambda idx: (tf.gather(images_t, idx), tf.gather(labels_t, idx)))
     k = int(shift_pixels)
     h, w = images.shape[1], images.shape[2]
-    keys = tf.data.Dataset.random(seed=0 if seed is None else seed,
-                                  rerandomize_each_iteration=True).batch(2)
 
-    def shifted(idx, key):
+    def augmented(idx, key):
         batch = tf.gather(images_t, idx)
-        padded = tf.pad(batch, [[0, 0], [k, k], [k, k], [0, 0]])
-        offsets = tf.random.stateless_uniform(
-            [tf.shape(idx)[0], 2], seed=key, minval=0, maxval=2 * k + 1, dtype=tf.int32)
-        rows = offsets[:, :1] + tf.range(h)[None, :]
-        cols = offsets[:, 1:] + tf.range(w)[None, :]
-        moved = tf.gather(padded, rows, axis=1, batch_dims=1)
-        moved = tf.gather(moved, cols, axis=2, batch_dims=1)
-        return moved, tf.gather(labels_t, idx)
+        if k > 0:
+            padded = tf.pad(batch, [[0, 0], [k, k], [k, k], [0, 0]])
+            offsets = tf.random.stateless_uniform(
+                [tf.shape(idx)[0], 2], seed=key, minval=0, maxval=2 * k + 1, dtype=tf.int32)
+            rows = offsets[:, :1] + tf.range(h)[None, :]
+            cols = offsets[:, 1:] + tf.range(w)[None, :]
+            batch = tf.gather(padded, rows, axis=1, batch_dims=1)
+            batch = tf.gather(batch, cols, axis=2, batch_dims=1)
+        if elastic is not None:
+            batch = elastic_distort(batch, key[::-1], elastic)  # not the shift's stream
+        return batch, tf.gather(labels_t, idx)
 
-    return tf.data.Dataset.zip(batches, keys).map(shifted)
+    return tf.data.Dataset.zip(batches, _batch_keys(seed)).map(augmented)

@@ -552,7 +552,7 @@ def _train_single(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     if job["kill_step"]:
         callbacks.append(_kill_callback(job))
     train_ds = array_dataset(*train, plan.batch_size, plan.num_classes, plan.seed,
-                             plan.spec.shift_pixels)
+                             plan.spec.shift_pixels, plan.spec.elastic_distortion)
     val_ds = array_dataset(*validation, plan.batch_size, plan.num_classes) if validation else None
     state = Path(job["checkpoint"]) if job["checkpoint"] else work / "state"
     resumed = prepare_work_dir(state, "single", resume=bool(job["checkpoint"]))
@@ -637,7 +637,8 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = context.get_per_replica_batch_size(global_batch)
         return array_dataset(*train, local, plan.num_classes, data_seed,
-                             plan.spec.shift_pixels).repeat()
+                             plan.spec.shift_pixels,
+                             plan.spec.elastic_distortion).repeat()
 
     iterator = iter(strategy.distribute_datasets_from_function(dataset_fn))
 

@@ -555,7 +555,7 @@ def _train_on_driver(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
         work = Path(tmp)
         prepare_work_dir(work / "state", "driver", resume=False)
         train_ds = array_dataset(*train, plan.batch_size, plan.num_classes, plan.seed,
-                                 plan.spec.shift_pixels)
+                                 plan.spec.shift_pixels, plan.spec.elastic_distortion)
         val_ds = (array_dataset(*validation, plan.batch_size, plan.num_classes)
                   if validation else None)
         result = train_model(plan, train_ds, val_ds, steps(len(train[1]), plan.batch_size),

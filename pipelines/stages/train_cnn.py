@@ -247,7 +247,8 @@ def _train_on_driver(cfg: CnnConfig, plan: TrainingPlan, train: Any, validation:
                 cfg.in_memory_mb)
     batch_size = plan.batch_size
     train_ds = make_dataset(train, batch_size, plan.num_classes, cfg.read_batch_rows,
-                            cfg.shuffle_buffer, cfg.seed, plan.spec.shift_pixels, in_memory)
+                            cfg.shuffle_buffer, cfg.seed, plan.spec.shift_pixels, in_memory,
+                            plan.spec.elastic_distortion)
     val_ds = make_dataset(validation, batch_size, plan.num_classes, cfg.read_batch_rows,
                           in_memory=in_memory)
     verbose = _keras_verbose(cfg.progress)
