@@ -481,6 +481,7 @@ def _run_child(work: Path, env: dict[str, str], label: str,
 
 #: The training process's log lines, as :func:`_relayed` reads them.
 _CHILD_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_EPOCH_MARK = f" {epoch_logger.name}: ".encode()  # an epoch line, in that format
 
 
 def _relayed(line: bytes, reports: dict[str, Any] | None) -> bool:
@@ -492,8 +493,7 @@ def _relayed(line: bytes, reports: dict[str, Any] | None) -> bool:
     """
     if b" pipelines." not in line:
         return False
-    return not (reports and reports.get("console") and f" {epoch_logger.name}: ".encode()
-                in line)
+    return not (reports and reports.get("console") and _EPOCH_MARK in line)
 
 
 def _remove(work: Path) -> None:
@@ -732,7 +732,7 @@ def _train_multi(plan: TrainingPlan, train: tuple[np.ndarray, np.ndarray],
             waited += 1
         last = {k: v[-1] for k, v in history.items()}
         epoch_logger.info("worker %s epoch %s: %s (%.1fs)", rank, epoch + 1,
-                    {k: round(v, 4) for k, v in last.items()}, epoch_seconds[-1])
+                          {k: round(v, 4) for k, v in last.items()}, epoch_seconds[-1])
         send_epoch(job["reports"], 0, epoch + 1, epoch_seconds[-1], last)
         if scalars:
             scalars.write(epoch, last)

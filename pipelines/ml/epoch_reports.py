@@ -56,7 +56,7 @@ class EpochReports:
         self._started = time.monotonic()
         self._server: socketserver.ThreadingTCPServer | None = None
         self._host = None if _is_connect(spark) else spark.conf.get("spark.driver.host", None)
-        master = "" if self._host is None else spark.conf.get("spark.master", "") or ""
+        master = spark.conf.get("spark.master", "") or ""
         # In local mode the tasks' stderr is the driver's console, where this logs each line.
         self._console = master == "local" or master.startswith("local[")
         if self._host:
