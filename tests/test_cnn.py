@@ -387,6 +387,22 @@ def test_a_vanishing_elastic_field_leaves_images_as_they_are(image_parquet):
     assert moved.dtype == tf.uint8 and moved.shape == stored.shape
 
 
+def test_an_elastic_probability_warps_that_share_of_images_and_leaves_the_rest(image_parquet):
+    import tensorflow as tf
+
+    stored, _ = open_split([image_parquet], "validation", (28, 28, 1)).load(rows=64)
+    half = ElasticDistortion(alpha=34, sigma=4, probability=0.5)
+
+    def warped(key):
+        out = elastic_distort(tf.constant(stored), tf.constant(key, tf.int64), half).numpy()
+        return (out != stored).any(axis=(1, 2, 3))
+
+    first, second = warped([1, 2]), warped([3, 4])
+    assert 16 <= first.sum() <= 48 and 16 <= second.sum() <= 48  # about half of 64
+    assert (first != second).any()  # another batch key, other images chosen
+    np.testing.assert_array_equal(warped([1, 2]), first)  # reproducible from the key
+
+
 def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
     with pytest.raises(ConfigError, match=r"cnn\.in_memory_mb.*Received: cnn.in_memory_mb=-1"):
         load_config(TEST_CONF, ["cnn.in_memory_mb=-1"])
@@ -396,6 +412,10 @@ def test_negative_memory_budget_or_shift_is_rejected_when_the_config_loads():
                                 f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
     bad = {**TINY, "elastic_distortion": {"alpha": 0, "sigma": 4}}
     with pytest.raises(ConfigError, match=r"elastic_distortion\.alpha.*Received"):
+        load_config(TEST_CONF, ["cnn.architecture=bad",
+                                f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
+    bad = {**TINY, "elastic_distortion": {"alpha": 17, "sigma": 4, "probability": 1.5}}
+    with pytest.raises(ConfigError, match=r"elastic_distortion\.probability.*Received"):
         load_config(TEST_CONF, ["cnn.architecture=bad",
                                 f"cnn.architectures={{bad: {json.dumps(bad)}}}"])
 

@@ -53,13 +53,17 @@ class ElasticDistortion(BaseModel):
     Each pixel's displacement is uniform noise in [-1, 1] per axis, smoothed by a Gaussian of
     ``sigma`` pixels and scaled by ``alpha``; the image is resampled bilinearly (zero outside).
     Their MNIST figures, ``alpha: 34, sigma: 4``, move a pixel by about 1.4 px (one standard
-    deviation) and bend strokes without breaking them.
+    deviation) and bend strokes without breaking them. ``probability`` is the share of images
+    warped in each batch (drawn afresh every epoch); the others pass unchanged, so a member sees
+    both the clean and the distorted distribution, as with a distorted copy of the data beside
+    the originals, without doubling the epoch.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     alpha: float = Field(gt=0)
     sigma: float = Field(gt=0)
+    probability: float = Field(default=1.0, gt=0, le=1)
 
 
 class ArchitectureSpec(BaseModel):
